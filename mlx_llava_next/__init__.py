@@ -1,0 +1,14 @@
+"""LLaVA-NeXT (LLaVA-1.6) in MLX, numerically equal to transformers."""
+
+from .errors import CheckpointError, ImageError, LlavaNextError, PromptError, UnsupportedModelError
+from .loading import load
+
+__all__ = [
+    "load",
+    "LlavaNextError",
+    "ImageError",
+    "PromptError",
+    "CheckpointError",
+    "UnsupportedModelError",
+]
+__version__ = "0.1.0"
