@@ -1,0 +1,1 @@
+"""Converters: HF/Hub LLaVA-NeXT checkpoints -> MLX directories and GGUF pairs."""
