@@ -1,5 +1,10 @@
 """LLaVA-NeXT (LLaVA-1.6) in MLX, numerically equal to transformers."""
 
+from .blas import use_fast_blas
+
+use_fast_blas()  # must run before mlx.core is imported (see blas.py)
+
+
 from .errors import CheckpointError, ImageError, LlavaNextError, PromptError, UnsupportedModelError
 from .loading import load
 

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import mlx_llava_next  # noqa: F401  first, so a fast BLAS is loaded before mlx.core (see blas.py)
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 import checkpoints  # noqa: E402
