@@ -41,7 +41,15 @@ BACKBONES = {
     "mistral": (dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, sliding_window=None), "spm", MISTRAL_TEMPLATE, -2),
     "qwen2": (dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, use_sliding_window=False), "bpe", CHATML_TEMPLATE, -2),
     "llama_multilayer": (dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2), "spm", VICUNA_TEMPLATE, [-3, -1]),
+    # The released geometry: 336 px tiles, 24x24 tokens a tile, the default pinpoints.
+    "mistral_336": (dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, sliding_window=None), "spm", MISTRAL_TEMPLATE, -2),
 }
+RELEASED_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def geometry(name: str):
+    """(tile size, pinpoints) of a tiny backbone."""
+    return (336, RELEASED_PINPOINTS) if name.endswith("_336") else (TILE, PINPOINTS)
 
 _TOKENIZER_CACHE = {}
 
@@ -102,10 +110,11 @@ def build_reference(name: str, seed: int = 0):
     text.update(text_extra)
     if tok_kind == "spm":
         text.update(bos_token_id=1, eos_token_id=2, pad_token_id=tok.pad_token_id)
+    tile, pinpoints = geometry(name)
     vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, image_size=TILE, patch_size=14, projection_dim=32)
+                  num_attention_heads=4, image_size=tile, patch_size=14, projection_dim=32)
     config = LlavaNextConfig(
-        text_config=text, vision_config=vision, image_grid_pinpoints=PINPOINTS,
+        text_config=text, vision_config=vision, image_grid_pinpoints=pinpoints,
         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=feature_layer,
         tie_word_embeddings=False,
     )
@@ -117,13 +126,13 @@ def build_reference(name: str, seed: int = 0):
     return model, tok, config
 
 
-def build_processor(tok, chat_template):
+def build_processor(tok, chat_template, tile: int = TILE, pinpoints=PINPOINTS):
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
-        image_grid_pinpoints=PINPOINTS, image_mean=[0.48145466, 0.4578275, 0.40821073],
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=pinpoints, image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711], do_pad=True,
     )
     return LlavaNextProcessor(
@@ -156,7 +165,7 @@ def save_checkpoint(name: str, out_dir, layout: str = "hub", shards: int = 2, se
     model, tok, config = build_reference(name, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    processor = build_processor(tok, BACKBONES[name][2])
+    processor = build_processor(tok, BACKBONES[name][2], *geometry(name))
     processor.save_pretrained(out_dir)
     if layout == "save_pretrained":
         model.save_pretrained(out_dir)

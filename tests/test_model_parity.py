@@ -45,6 +45,7 @@ def compare(ckpt, texts, images):
     expected = reference_logits(ckpt, ours)
     real = ours["attention_mask"].astype(bool)
     diff = np.abs(logits[real] - expected[real]).max()
+    print(f"{ckpt.name}: {len(texts)} prompt(s), {len(images or [])} image(s): max |Δlogit| {diff:.2e}")
     assert diff <= ATOL, f"{ckpt.name}: max |Δlogit| {diff:.2e}"
     return diff
 
@@ -73,6 +74,14 @@ def test_batch_left_padding_different_sizes(tiny_checkpoint, make_image, name):
 def test_text_only(tiny_checkpoint, name):
     ckpt = tiny_checkpoint(name)
     compare(ckpt, ["Tell me a story about a red cat and a blue dog."], None)
+
+
+def test_released_geometry_336px_tiles(tiny_checkpoint, make_image):
+    """24x24 tokens a tile and the released pinpoints, on the reference's worked-example sizes."""
+    ckpt = tiny_checkpoint("mistral_336")
+    model, processor = ckpt.load()
+    for seed, (h, w) in enumerate([(899, 1024), (200, 1000)]):
+        compare(ckpt, [ckpt.prompt()], [make_image(h, w, seed)])
 
 
 @pytest.mark.parametrize("layout", ["save_pretrained", "in_memory"])
