@@ -14,6 +14,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="LLaVA-NeXT (LLaVA-1.6) in MLX: chat with images, OCR scans, convert to MLX/GGUF.",
 )
+
+
+@app.callback()
+def main():
+    """Always a command group, even while only one command is registered (`cli.py parity ...`)."""
+
+
 register_all(app)
 
 if __name__ == "__main__":
