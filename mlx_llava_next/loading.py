@@ -3,7 +3,8 @@
 
 HF directories come in three key layouts (Hub 4.x saves, transformers 5 `save_pretrained`,
 transformers' in-memory names); `canonical_weights` maps all of them onto our module names.
-Converted MLX directories already use our names (and may be quantized).
+Converted MLX directories already use our names (and may be quantized); mlx-vlm's LLaVA-NeXT
+conversions use the Hub names with an OHWI conv (`is_mlx_vlm_layout`).
 """
 
 import json
@@ -51,6 +52,37 @@ def canonical_weights(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         else:
             raise CheckpointError(f"unexpected tensor {key!r}: not a LLaVA-NeXT weight name")
     return out
+
+
+# mlx-vlm (Blaizzy/mlx-vlm) saves LLaVA-NeXT conversions from its own module tree, which mirrors
+# the llava-hf Hub names: `vision_tower.vision_model.*` (all CLIP blocks and post_layernorm),
+# `language_model.model.*`, `language_model.lm_head`, `multi_modal_projector.linear_{1,2}`,
+# `image_newline`, with mlx-lm `.scales`/`.biases` beside quantized weights. The one difference
+# from the Hub is the patch-embedding conv, already stored in MLX's OHWI order.
+MLX_VLM_CONV_KEY = "vision_tower.vision_model.embeddings.patch_embedding.weight"
+
+
+def is_mlx_vlm_layout(raw_config: dict, weights: Dict[str, mx.array]) -> bool:
+    conv = weights.get(MLX_VLM_CONV_KEY)
+    channels = (raw_config.get("vision_config") or {}).get("num_channels", 3)
+    # OIHW has the channels at axis 1, OHWI at axis 3 (a patch side is never 3 for CLIP).
+    return conv is not None and conv.ndim == 4 and conv.shape[3] == channels and conv.shape[1] != channels
+
+
+def from_mlx_vlm(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """mlx-vlm weights -> the Hub layout (conv back to OIHW), which `canonical_weights` reads."""
+    out = dict(weights)
+    out[MLX_VLM_CONV_KEY] = out[MLX_VLM_CONV_KEY].transpose(0, 3, 1, 2)
+    return out
+
+
+def to_model_names(model: Model, raw_config: dict, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Checkpoint tensors (any supported layout) -> `model.parameters()` names and layouts."""
+    if raw_config.get(MLX_FORMAT_KEY) is not None:
+        return weights
+    if is_mlx_vlm_layout(raw_config, weights):
+        weights = from_mlx_vlm(weights)
+    return model.sanitize(canonical_weights(weights))
 
 
 def resolve_model_path(path_or_repo, revision: Optional[str] = None) -> Path:
@@ -123,8 +155,8 @@ def default_dtype(weights) -> Optional[mx.Dtype]:
     return None
 
 
-def apply_weights(model: Model, weights: Dict[str, mx.array], source: str) -> None:
-    """Load weights strictly, turning MLX's messages into errors that name the tensor."""
+def check_weights(model: Model, weights: Dict[str, mx.array], source: str) -> None:
+    """Every parameter present with its shape, nothing extra; errors name the tensor."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -137,6 +169,11 @@ def apply_weights(model: Model, weights: Dict[str, mx.array], source: str) -> No
             raise CheckpointError(
                 f"{source}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
             )
+
+
+def apply_weights(model: Model, weights: Dict[str, mx.array], source: str) -> None:
+    """Load weights strictly, turning MLX's messages into errors that name the tensor."""
+    check_weights(model, weights, source)
     model.load_weights(list(weights.items()), strict=True)
 
 
@@ -172,9 +209,7 @@ def load_model(model_dir, dtype: Optional[mx.Dtype] = None, lazy: bool = False) 
     raw_config = read_config(model_dir)
     config = LlavaNextConfig.from_dict(raw_config)
     model = Model(config)
-    weights = read_weights(model_dir)
-    if raw_config.get(MLX_FORMAT_KEY) is None:
-        weights = model.sanitize(canonical_weights(weights))
+    weights = to_model_names(model, raw_config, read_weights(model_dir))
     quantize_like(model, raw_config, weights)
     if dtype is None:
         dtype = default_dtype(weights)
