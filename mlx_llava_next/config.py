@@ -107,16 +107,23 @@ class LlavaNextConfig:
     def text_arch(self) -> str:
         return MLX_LM_ARCH[self.text_config["model_type"]]
 
+    @property
+    def sliding_window(self) -> Optional[int]:
+        """Mistral's attention window (None: full attention); Qwen2 here never slides."""
+        if self.text_config["model_type"] != "mistral":
+            return None
+        return self.text_config.get("sliding_window")
+
     def mlx_lm_args(self) -> Dict[str, Any]:
-        """Keyword arguments for mlx-lm's `ModelArgs.from_dict` of the text backbone."""
+        """Keyword arguments for mlx-lm's `ModelArgs.from_dict` of the text backbone.
+
+        The sliding window is applied by `model.Model` (mlx-lm's llama needs at least one
+        full-attention layer, Mistral has none)."""
         args = dict(self.text_config)
         args["model_type"] = self.text_arch
         args["tie_word_embeddings"] = self.tie_word_embeddings
-        window = args.get("sliding_window")
-        if window is not None and self.text_config["model_type"] == "mistral":
-            args["layer_types"] = ["sliding_attention"] * args["num_hidden_layers"]
-        else:
-            args["sliding_window"] = None
+        args["sliding_window"] = None
+        args.pop("layer_types", None)
         return args
 
     @classmethod

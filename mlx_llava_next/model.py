@@ -36,6 +36,20 @@ def text_model_module(arch: str):
     return importlib.import_module(f"mlx_lm.models.{arch}")
 
 
+def use_sliding_window(language_model, window: int) -> None:
+    """Make every layer of an mlx-lm llama attend to the last `window` tokens (Mistral).
+
+    mlx-lm builds sliding layers only beside at least one full-attention layer; Mistral's are
+    all sliding, so they are switched after construction: the window mask comes from layer 0's
+    cache and `make_cache` gives each layer a rotating cache of `window` entries.
+    """
+    inner = language_model.model
+    for layer in inner.layers:
+        layer.use_sliding = True
+    inner.sliding_window = window
+    inner.swa_idx = 0
+
+
 class Model(nn.Module):
     def __init__(self, config: LlavaNextConfig):
         super().__init__()
@@ -52,6 +66,8 @@ class Model(nn.Module):
         self.image_newline = mx.zeros((text_hidden,))
         arch = text_model_module(config.text_arch)
         self.language_model = arch.Model(arch.ModelArgs.from_dict(config.mlx_lm_args()))
+        if config.sliding_window is not None:
+            use_sliding_window(self.language_model, config.sliding_window)
 
     # -- geometry -------------------------------------------------------------------------
     @property
@@ -148,7 +164,7 @@ class Model(nn.Module):
         """A KV cache per layer; a batch cache when rows are left-padded."""
         if left_padding is None or not any(left_padding):
             return make_prompt_cache(self.language_model)
-        window = self.config.mlx_lm_args().get("sliding_window")
+        window = self.config.sliding_window
         if window is not None:
             return [BatchRotatingKVCache(window, list(left_padding)) for _ in self.layers]
         return [BatchKVCache(list(left_padding)) for _ in self.layers]

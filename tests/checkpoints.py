@@ -41,6 +41,8 @@ BACKBONES = {
     "mistral": (dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, sliding_window=None), "spm", MISTRAL_TEMPLATE, -2),
     "qwen2": (dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, use_sliding_window=False), "bpe", CHATML_TEMPLATE, -2),
     "llama_multilayer": (dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2), "spm", VICUNA_TEMPLATE, [-3, -1]),
+    # Mistral's sliding-window attention (the class default when a config leaves the key out).
+    "mistral_window": (dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, sliding_window=16), "spm", MISTRAL_TEMPLATE, -2),
     # The released geometry: 336 px tiles, 24x24 tokens a tile, the default pinpoints.
     "mistral_336": (dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, sliding_window=None), "spm", MISTRAL_TEMPLATE, -2),
 }

@@ -84,6 +84,14 @@ def test_released_geometry_336px_tiles(tiny_checkpoint, make_image):
         compare(ckpt, [ckpt.prompt()], [make_image(h, w, seed)])
 
 
+def test_mistral_sliding_window(tiny_checkpoint, make_image):
+    """A 16-token window over prompts of 60-100 tokens, in a forward pass and in greedy decoding."""
+    ckpt = tiny_checkpoint("mistral_window")
+    compare(ckpt, [ckpt.prompt("Describe every detail of the picture, the colours and the shapes.")], [make_image(70, 130)])
+    compare(ckpt, [ckpt.prompt("Tell me a story about a red cat and a blue dog.", n_images=0)], None)
+    check_greedy(ckpt, make_image(90, 140, 7))
+
+
 @pytest.mark.parametrize("layout", ["save_pretrained", "in_memory"])
 def test_other_key_layouts(tiny_checkpoint, make_image, layout):
     compare(tiny_checkpoint("mistral", layout), [tiny_checkpoint("mistral").prompt()], [make_image(80, 150, 5)])
@@ -138,10 +146,13 @@ def greedy(model, batch, steps):
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
 def test_greedy_decode_matches_generate(tiny_checkpoint, make_image, name):
-    ckpt = tiny_checkpoint(name)
+    check_greedy(tiny_checkpoint(name), make_image(90, 140, 7))
+
+
+def check_greedy(ckpt, image):
     model, processor = ckpt.load()
-    batch = processor(ckpt.prompt(), images=[make_image(90, 140, 7)])
-    steps = 10
+    batch = processor(ckpt.prompt(), images=[image])
+    steps = 24
     ckpt.reference.generation_config.eos_token_id = None  # random weights: never stop early
     with torch.no_grad():
         out = ckpt.reference.generate(
