@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import fastpath
 from .config import LlavaNextConfig
 from .errors import CheckpointError
 from .model import Model
@@ -217,6 +218,7 @@ def load_model(model_dir, dtype: Optional[mx.Dtype] = None, lazy: bool = False) 
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
+    fastpath.auto_enable(model)  # native quantized kernels on x86 Linux CPUs; no-op elsewhere
     return model, raw_config
 
 

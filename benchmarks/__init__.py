@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (`python cli.py bench`): ours vs llama.cpp vs transformers."""

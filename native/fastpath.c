@@ -1,0 +1,937 @@
+/*
+ * x86 CPU kernels for MLX affine-quantized matrices (see mlx_llava_next/fastpath.py).
+ *
+ * MLX's layout: weights packed in uint32 words, low bits first (4-bit: 8 values a word, 8-bit:
+ * 4), per-group scale and bias, w = scale * q + bias, groups of 32/64/128 along a row.
+ *
+ *   qmv:        out[M, N] = x[M, K] @ W^T for small M (decode), streaming W once per 4 rows of
+ *               x. Per group it computes scale * dot(q, x_g) + bias * sum(x_g), so W is never
+ *               dequantized. AVX2+FMA when the CPU has it (checked at run time), scalar C else.
+ *   qgemm:      the same product for large M (prefill): dequantize a tile of W rows to float32
+ *               and hand it to cblas_sgemm of the process's BLAS (OpenBLAS, see blas.py); the
+ *               float32 copy never exceeds one tile.
+ *   dequantize: W -> float32 [N, K], bit for bit as mx.dequantize (scale * q, then + bias).
+ *   attend:     decode attention (one query per head) over a KV cache: softmax(q K^T * scale) V,
+ *               each key/value row read once for all query heads of its group (GQA).
+ *   stream_sum: sum of a float32 buffer on all threads (the benchmark's bandwidth probe).
+ *
+ * Work is split over output rows on a small pthread pool. The GIL is released while it runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+#include <string.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_X86 1
+#include <immintrin.h>
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#else
+#define HAVE_X86 0
+#endif
+
+enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+
+/* ---------------------------------------------------------------------------------------- */
+/* scale/bias decoding                                                                      */
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float load_param(const void *p, int dtype, Py_ssize_t i) {
+    if (dtype == DT_F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    if (dtype == DT_BF16) {
+        uint32_t bits = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    return half_to_float(h);
+}
+
+/* One row's scales and biases as float32 (a row has at most K/32 groups). */
+static void row_params(const void *scales, const void *biases, int dtype, Py_ssize_t row,
+                       Py_ssize_t groups, float *s, float *b) {
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        s[g] = load_param(scales, dtype, row * groups + g);
+        b[g] = load_param(biases, dtype, row * groups + g);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* thread pool: tasks split [0, n) into one contiguous range per thread                      */
+
+typedef void (*task_fn)(void *arg, Py_ssize_t begin, Py_ssize_t end);
+
+#define MAX_THREADS 64
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t start, done;
+    int size;      /* threads wanted, the caller included */
+    int running;   /* worker threads started */
+    long epoch;    /* bumped for every task */
+    int pending;   /* workers still busy with the current task */
+    task_fn fn;
+    void *arg;
+    Py_ssize_t n, chunk;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0,
+          NULL, NULL, 0, 0};
+
+static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER; /* one task at a time */
+
+static void run_share(task_fn fn, void *arg, Py_ssize_t n, Py_ssize_t chunk, int index) {
+    Py_ssize_t begin = index * chunk, end = begin + chunk;
+    if (end > n) end = n;
+    if (begin < end) fn(arg, begin, end);
+}
+
+static long born_epoch[MAX_THREADS]; /* the epoch a worker was started in: tasks after it are its */
+
+static void *worker(void *p) {
+    int index = (int)(intptr_t)p;
+    pthread_mutex_lock(&pool.mu);
+    long seen = born_epoch[index];
+    for (;;) {
+        while (pool.epoch == seen) pthread_cond_wait(&pool.start, &pool.mu);
+        seen = pool.epoch;
+        task_fn fn = pool.fn;
+        void *arg = pool.arg;
+        Py_ssize_t n = pool.n, chunk = pool.chunk;
+        int active = index < pool.size;
+        pthread_mutex_unlock(&pool.mu);
+        if (active) run_share(fn, arg, n, chunk, index);
+        pthread_mutex_lock(&pool.mu);
+        if (active && --pool.pending == 0) pthread_cond_signal(&pool.done);
+    }
+    return NULL;
+}
+
+static void after_fork_child(void) {
+    /* threads do not survive fork(): start a fresh pool on first use */
+    pthread_mutex_init(&call_mu, NULL);
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.start, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.running = 0;
+    pool.pending = 0;
+}
+
+static int default_threads(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+#ifdef CPU_COUNT
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+#endif
+    if (n < 1) n = 1;
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    return (int)n;
+}
+
+/* Run fn over [0, n) on the pool; `align` keeps range boundaries on multiples (e.g. a tile). */
+static void parallel_for(task_fn fn, void *arg, Py_ssize_t n, Py_ssize_t align) {
+    if (n <= 0) return;
+    int threads = pool.size;
+    Py_ssize_t chunk = (n + threads - 1) / threads;
+    chunk = (chunk + align - 1) / align * align;
+    int used = (int)((n + chunk - 1) / chunk);
+    if (used <= 1) {
+        fn(arg, 0, n);
+        return;
+    }
+    pthread_mutex_lock(&call_mu);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.running < used - 1) {
+        pthread_t t;
+        born_epoch[pool.running + 1] = pool.epoch;
+        if (pthread_create(&t, NULL, worker, (void *)(intptr_t)(pool.running + 1)) != 0) break;
+        pthread_detach(t);
+        pool.running++;
+    }
+    if (pool.running < used - 1) { /* could not start threads: do it all here */
+        pthread_mutex_unlock(&pool.mu);
+        pthread_mutex_unlock(&call_mu);
+        fn(arg, 0, n);
+        return;
+    }
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.n = n;
+    pool.chunk = chunk;
+    pool.size = used;
+    pool.pending = used - 1;
+    pool.epoch++;
+    pthread_cond_broadcast(&pool.start);
+    pthread_mutex_unlock(&pool.mu);
+    run_share(fn, arg, n, chunk, 0);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.mu);
+    pool.size = threads;
+    pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&call_mu);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* problem description shared by the tasks                                                   */
+
+typedef struct {
+    const float *x;      /* [M, K] (qmv: x after the 4-bit lane permutation) */
+    const float *xsum;   /* [M, groups]: sum of x over each group */
+    const uint32_t *w;   /* [N, K * bits / 32] */
+    const void *scales, *biases;
+    float *out;          /* qmv/qgemm: [M, N]; dequantize: [N, K] */
+    Py_ssize_t M, N, K;
+    int bits, group, dtype;
+    Py_ssize_t tile;     /* qgemm rows per tile */
+} Problem;
+
+static int use_avx2 = 0;
+
+/* ---- scalar kernels ---------------------------------------------------------------------- */
+
+static void dequant_row_scalar(const Problem *p, Py_ssize_t n, float *dst) {
+    Py_ssize_t groups = p->K / p->group, words = p->K * p->bits / 32;
+    const uint32_t *w = p->w + n * words;
+    uint32_t mask = (1u << p->bits) - 1;
+    int per = 32 / p->bits;
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        float s = load_param(p->scales, p->dtype, n * groups + g);
+        float b = load_param(p->biases, p->dtype, n * groups + g);
+        for (Py_ssize_t k = g * p->group; k < (g + 1) * p->group; k++) {
+            uint32_t q = (w[k / per] >> (p->bits * (k % per))) & mask;
+            dst[k] = s * (float)q + b;
+        }
+    }
+}
+
+static void qmv_rows_scalar(const Problem *p, Py_ssize_t n0, Py_ssize_t n1) {
+    /* scalar path: x is in natural order */
+    Py_ssize_t groups = p->K / p->group, words = p->K * p->bits / 32;
+    uint32_t mask = (1u << p->bits) - 1;
+    int per = 32 / p->bits;
+    for (Py_ssize_t n = n0; n < n1; n++) {
+        const uint32_t *w = p->w + n * words;
+        for (Py_ssize_t m = 0; m < p->M; m++) {
+            const float *x = p->x + m * p->K;
+            float total = 0.0f;
+            for (Py_ssize_t g = 0; g < groups; g++) {
+                float dot = 0.0f;
+                for (Py_ssize_t k = g * p->group; k < (g + 1) * p->group; k++)
+                    dot += (float)((w[k / per] >> (p->bits * (k % per))) & mask) * x[k];
+                total += load_param(p->scales, p->dtype, n * groups + g) * dot +
+                         load_param(p->biases, p->dtype, n * groups + g) * p->xsum[m * groups + g];
+            }
+            p->out[m * p->N + n] = total;
+        }
+    }
+}
+
+/* ---- AVX2 kernels ------------------------------------------------------------------------ */
+#if HAVE_X86
+
+AVX2_FN static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* row_params with F16C/shift conversions: 8 scales at a time */
+AVX2_FN static void row_params_avx2(const void *scales, const void *biases, int dtype, Py_ssize_t row,
+                                    Py_ssize_t groups, float *s, float *b) {
+    if (dtype == DT_F32 || groups % 8 != 0) {
+        row_params(scales, biases, dtype, row, groups, s, b);
+        return;
+    }
+    const uint16_t *sh = (const uint16_t *)scales + row * groups, *bh = (const uint16_t *)biases + row * groups;
+    for (Py_ssize_t g = 0; g < groups; g += 8) {
+        __m128i sv = _mm_loadu_si128((const __m128i *)(sh + g)), bv = _mm_loadu_si128((const __m128i *)(bh + g));
+        if (dtype == DT_F16) {
+            _mm256_storeu_ps(s + g, _mm256_cvtph_ps(sv));
+            _mm256_storeu_ps(b + g, _mm256_cvtph_ps(bv));
+        } else {
+            _mm256_storeu_ps(s + g, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(sv), 16)));
+            _mm256_storeu_ps(b + g, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bv), 16)));
+        }
+    }
+}
+
+/*
+ * 4-bit: 8 bytes hold 16 values; byte j holds value 2j (low nibble) and 2j+1 (high nibble).
+ * Zero-extending the 8 bytes to 8 int32 lanes gives the even values (& 0xf) and the odd values
+ * (>> 4) with two instructions, so x is pre-permuted per 16 values: evens first, then odds.
+ * MB rows of x share each decoded weight vector.
+ */
+#define DEFINE_QMV4(MB)                                                                          \
+    AVX2_FN static void qmv4_rows_##MB(const Problem *p, Py_ssize_t n0, Py_ssize_t n1,            \
+                                       Py_ssize_t m0) {                                           \
+        const Py_ssize_t K = p->K, groups = K / p->group, words = K / 8;                           \
+        const __m256i low = _mm256_set1_epi32(0xf);                                               \
+        float s[4096], b[4096];                                                                   \
+        for (Py_ssize_t n = n0; n < n1; n++) {                                                    \
+            const uint8_t *w = (const uint8_t *)(p->w + n * words);                               \
+            row_params_avx2(p->scales, p->biases, p->dtype, n, groups, s, b);                     \
+            __m256 total[MB];                                                                     \
+            float bias_part[MB];                                                                  \
+            for (int m = 0; m < MB; m++) {                                                        \
+                total[m] = _mm256_setzero_ps();                                                   \
+                bias_part[m] = 0.0f;                                                              \
+            }                                                                                     \
+            Py_ssize_t k = 0;                                                                     \
+            for (Py_ssize_t g = 0; g < groups; g++) {                                             \
+                __m256 a0[MB], a1[MB], a2[MB], a3[MB];                                                \
+                for (int m = 0; m < MB; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm256_setzero_ps();     \
+                for (Py_ssize_t end = k + p->group; k < end; k += 32, w += 16) {                  \
+                    __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)w));       \
+                    __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 8))); \
+                    __m256 e0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, low));                    \
+                    __m256 o0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));                     \
+                    __m256 e1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, low));                    \
+                    __m256 o1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));                     \
+                    for (int m = 0; m < MB; m++) {                                                \
+                        const float *x = p->x + (m0 + m) * K + k;                                 \
+                        a0[m] = _mm256_fmadd_ps(e0, _mm256_loadu_ps(x), a0[m]);                   \
+                        a1[m] = _mm256_fmadd_ps(o0, _mm256_loadu_ps(x + 8), a1[m]);               \
+                        if (MB == 1) { /* four chains hide the FMA latency */                         \
+                            a2[m] = _mm256_fmadd_ps(e1, _mm256_loadu_ps(x + 16), a2[m]);              \
+                            a3[m] = _mm256_fmadd_ps(o1, _mm256_loadu_ps(x + 24), a3[m]);              \
+                        } else {                                                                      \
+                            a0[m] = _mm256_fmadd_ps(e1, _mm256_loadu_ps(x + 16), a0[m]);              \
+                            a1[m] = _mm256_fmadd_ps(o1, _mm256_loadu_ps(x + 24), a1[m]);              \
+                        }                                                                             \
+                    }                                                                             \
+                }                                                                                 \
+                __m256 scale = _mm256_set1_ps(s[g]);                                              \
+                for (int m = 0; m < MB; m++) {                                                    \
+                    __m256 dot = _mm256_add_ps(_mm256_add_ps(a0[m], a1[m]), _mm256_add_ps(a2[m], a3[m]));\
+                    total[m] = _mm256_fmadd_ps(dot, scale, total[m]);                                 \
+                    bias_part[m] += b[g] * p->xsum[(m0 + m) * groups + g];                        \
+                }                                                                                 \
+            }                                                                                     \
+            for (int m = 0; m < MB; m++) p->out[(m0 + m) * p->N + n] = hsum256(total[m]) + bias_part[m]; \
+        }                                                                                         \
+    }
+
+/* 8-bit: byte j is value j, so x stays in natural order. */
+#define DEFINE_QMV8(MB)                                                                          \
+    AVX2_FN static void qmv8_rows_##MB(const Problem *p, Py_ssize_t n0, Py_ssize_t n1,            \
+                                       Py_ssize_t m0) {                                           \
+        const Py_ssize_t K = p->K, groups = K / p->group, words = K / 4;                           \
+        float s[4096], b[4096];                                                                   \
+        for (Py_ssize_t n = n0; n < n1; n++) {                                                    \
+            const uint8_t *w = (const uint8_t *)(p->w + n * words);                               \
+            row_params_avx2(p->scales, p->biases, p->dtype, n, groups, s, b);                     \
+            __m256 total[MB];                                                                     \
+            float bias_part[MB];                                                                  \
+            for (int m = 0; m < MB; m++) {                                                        \
+                total[m] = _mm256_setzero_ps();                                                   \
+                bias_part[m] = 0.0f;                                                              \
+            }                                                                                     \
+            Py_ssize_t k = 0;                                                                     \
+            for (Py_ssize_t g = 0; g < groups; g++) {                                             \
+                __m256 a0[MB], a1[MB], a2[MB], a3[MB];                                                \
+                for (int m = 0; m < MB; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm256_setzero_ps();     \
+                for (Py_ssize_t end = k + p->group; k < end; k += 32, w += 32) {                  \
+                    __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)w)));        \
+                    __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 8))));  \
+                    __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 16)))); \
+                    __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 24)))); \
+                    for (int m = 0; m < MB; m++) {                                                \
+                        const float *x = p->x + (m0 + m) * K + k;                                 \
+                        a0[m] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x), a0[m]);                   \
+                        a1[m] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x + 8), a1[m]);               \
+                        if (MB == 1) { /* four chains hide the FMA latency */                         \
+                            a2[m] = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x + 16), a2[m]);              \
+                            a3[m] = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x + 24), a3[m]);              \
+                        } else {                                                                      \
+                            a0[m] = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x + 16), a0[m]);              \
+                            a1[m] = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x + 24), a1[m]);              \
+                        }                                                                             \
+                    }                                                                             \
+                }                                                                                 \
+                __m256 scale = _mm256_set1_ps(s[g]);                                              \
+                for (int m = 0; m < MB; m++) {                                                    \
+                    __m256 dot = _mm256_add_ps(_mm256_add_ps(a0[m], a1[m]), _mm256_add_ps(a2[m], a3[m]));\
+                    total[m] = _mm256_fmadd_ps(dot, scale, total[m]);                                 \
+                    bias_part[m] += b[g] * p->xsum[(m0 + m) * groups + g];                        \
+                }                                                                                 \
+            }                                                                                     \
+            for (int m = 0; m < MB; m++) p->out[(m0 + m) * p->N + n] = hsum256(total[m]) + bias_part[m]; \
+        }                                                                                         \
+    }
+
+DEFINE_QMV4(1)
+DEFINE_QMV4(2)
+DEFINE_QMV4(3)
+DEFINE_QMV4(4)
+DEFINE_QMV8(1)
+DEFINE_QMV8(2)
+DEFINE_QMV8(3)
+DEFINE_QMV8(4)
+
+typedef void (*rows_fn)(const Problem *, Py_ssize_t, Py_ssize_t, Py_ssize_t);
+static const rows_fn qmv4_kernels[5] = {NULL, qmv4_rows_1, qmv4_rows_2, qmv4_rows_3, qmv4_rows_4};
+static const rows_fn qmv8_kernels[5] = {NULL, qmv8_rows_1, qmv8_rows_2, qmv8_rows_3, qmv8_rows_4};
+
+AVX2_FN static void qmv_rows_avx2(const Problem *p, Py_ssize_t n0, Py_ssize_t n1) {
+    const rows_fn *kernels = p->bits == 4 ? qmv4_kernels : qmv8_kernels;
+    /* row blocks keep the active slice of W in cache while up to 4 rows of x pass over it */
+    const Py_ssize_t block = 16;
+    for (Py_ssize_t r = n0; r < n1; r += block) {
+        Py_ssize_t r1 = r + block < n1 ? r + block : n1;
+        for (Py_ssize_t m = 0; m < p->M; m += 4) {
+            Py_ssize_t mb = p->M - m < 4 ? p->M - m : 4;
+            kernels[mb](p, r, r1, m);
+        }
+    }
+}
+
+AVX2_FN static void dequant_row_avx2(const Problem *p, Py_ssize_t n, float *dst) {
+    const Py_ssize_t K = p->K, groups = K / p->group, words = K * p->bits / 32;
+    const uint32_t *w = p->w + n * words;
+    if (p->bits == 4) {
+        const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        const __m256i low = _mm256_set1_epi32(0xf);
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            __m256 s = _mm256_set1_ps(load_param(p->scales, p->dtype, n * groups + g));
+            __m256 b = _mm256_set1_ps(load_param(p->biases, p->dtype, n * groups + g));
+            for (Py_ssize_t k = g * p->group; k < (g + 1) * p->group; k += 8) {
+                __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w[k / 8]), shifts), low);
+                _mm256_storeu_ps(dst + k, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), s), b));
+            }
+        }
+    } else {
+        const uint8_t *bytes = (const uint8_t *)w;
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            __m256 s = _mm256_set1_ps(load_param(p->scales, p->dtype, n * groups + g));
+            __m256 b = _mm256_set1_ps(load_param(p->biases, p->dtype, n * groups + g));
+            for (Py_ssize_t k = g * p->group; k < (g + 1) * p->group; k += 8) {
+                __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(bytes + k)));
+                _mm256_storeu_ps(dst + k, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), s), b));
+            }
+        }
+    }
+}
+
+AVX2_FN static double sum_avx2(const float *x, Py_ssize_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    Py_ssize_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + i));
+        a1 = _mm256_add_ps(a1, _mm256_loadu_ps(x + i + 8));
+        a2 = _mm256_add_ps(a2, _mm256_loadu_ps(x + i + 16));
+        a3 = _mm256_add_ps(a3, _mm256_loadu_ps(x + i + 24));
+    }
+    double total = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++) total += x[i];
+    return total;
+}
+#endif /* HAVE_X86 */
+
+static void dequant_row(const Problem *p, Py_ssize_t n, float *dst) {
+#if HAVE_X86
+    if (use_avx2) {
+        dequant_row_avx2(p, n, dst);
+        return;
+    }
+#endif
+    dequant_row_scalar(p, n, dst);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* tasks                                                                                     */
+
+static void qmv_task(void *arg, Py_ssize_t n0, Py_ssize_t n1) {
+    const Problem *p = (const Problem *)arg;
+#if HAVE_X86
+    if (use_avx2) {
+        qmv_rows_avx2(p, n0, n1);
+        return;
+    }
+#endif
+    qmv_rows_scalar(p, n0, n1);
+}
+
+static void dequant_task(void *arg, Py_ssize_t n0, Py_ssize_t n1) {
+    const Problem *p = (const Problem *)arg;
+    for (Py_ssize_t n = n0; n < n1; n++) dequant_row(p, n, p->out + n * p->K);
+}
+
+typedef struct {
+    const float *x;
+    Py_ssize_t n;
+    double sum;
+} SumPart;
+
+static void sum_task(void *arg, Py_ssize_t i0, Py_ssize_t i1) {
+    SumPart *parts = (SumPart *)arg;
+    for (Py_ssize_t i = i0; i < i1; i++) {
+        double total = 0.0;
+#if HAVE_X86
+        if (use_avx2) {
+            total = sum_avx2(parts[i].x, parts[i].n);
+        } else
+#endif
+        {
+            for (Py_ssize_t j = 0; j < parts[i].n; j++) total += parts[i].x[j];
+        }
+        parts[i].sum = total;
+    }
+}
+
+/* cblas_sgemm of whatever BLAS is loaded globally (blas.py loads OpenBLAS that way). */
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
+                         float, float *, int);
+static sgemm_fn cblas_sgemm_ptr = NULL;
+
+static void find_sgemm(void) {
+    if (!cblas_sgemm_ptr) cblas_sgemm_ptr = (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm");
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* argument handling                                                                         */
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} Buf;
+
+static int get_buf(PyObject *obj, Buf *b, int writable, Py_ssize_t expect_bytes, const char *name) {
+    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    b->held = 1;
+    if (b->view.len != expect_bytes) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd bytes, got %zd", name, expect_bytes, b->view.len);
+        return -1;
+    }
+    return 0;
+}
+
+static void release(Buf *bufs, int n) {
+    for (int i = 0; i < n; i++)
+        if (bufs[i].held) PyBuffer_Release(&bufs[i].view);
+}
+
+static int check_shape(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int bits, int group, int dtype) {
+    if (bits != 4 && bits != 8) {
+        PyErr_SetString(PyExc_ValueError, "bits must be 4 or 8");
+        return -1;
+    }
+    if (group != 32 && group != 64 && group != 128) {
+        PyErr_SetString(PyExc_ValueError, "group_size must be 32, 64 or 128");
+        return -1;
+    }
+    if (dtype < DT_F32 || dtype > DT_BF16) {
+        PyErr_SetString(PyExc_ValueError, "unknown scale dtype code");
+        return -1;
+    }
+    if (M < 0 || N <= 0 || K <= 0 || K % group != 0 || K / group > 4096) {
+        PyErr_SetString(PyExc_ValueError, "bad shape: K must be a positive multiple of group_size");
+        return -1;
+    }
+    return 0;
+}
+
+/* The weight buffers every function takes: (w, scales, biases) for [N, K] at bits/group. */
+static int weight_bufs(PyObject *w, PyObject *s, PyObject *b, Buf *bufs, Problem *p) {
+    Py_ssize_t psize = p->dtype == DT_F32 ? 4 : 2, groups = p->K / p->group;
+    if (get_buf(w, &bufs[0], 0, p->N * p->K * p->bits / 8, "weight") < 0) return -1;
+    if (get_buf(s, &bufs[1], 0, p->N * groups * psize, "scales") < 0) return -1;
+    if (get_buf(b, &bufs[2], 0, p->N * groups * psize, "biases") < 0) return -1;
+    p->w = (const uint32_t *)bufs[0].view.buf;
+    p->scales = bufs[1].view.buf;
+    p->biases = bufs[2].view.buf;
+    return 0;
+}
+
+/* x -> (permuted x, group sums) for qmv. */
+static int prepare_x(Problem *p, const float *x, float **xp_out, float **xs_out) {
+    Py_ssize_t groups = p->K / p->group;
+    float *xp = (float *)malloc(sizeof(float) * (p->M * p->K + 8));
+    float *xs = (float *)malloc(sizeof(float) * (p->M * groups + 1));
+    if (!xp || !xs) {
+        free(xp);
+        free(xs);
+        PyErr_NoMemory();
+        return -1;
+    }
+    int permute = use_avx2 && p->bits == 4;
+    for (Py_ssize_t m = 0; m < p->M; m++) {
+        const float *src = x + m * p->K;
+        float *dst = xp + m * p->K;
+        for (Py_ssize_t g = 0; g < groups; g++) {
+            float total = 0.0f;
+            for (Py_ssize_t k = g * p->group; k < (g + 1) * p->group; k++) total += src[k];
+            xs[m * groups + g] = total;
+        }
+        if (permute) {
+            for (Py_ssize_t k = 0; k < p->K; k += 16)
+                for (int j = 0; j < 8; j++) {
+                    dst[k + j] = src[k + 2 * j];
+                    dst[k + 8 + j] = src[k + 2 * j + 1];
+                }
+        } else {
+            memcpy(dst, src, sizeof(float) * p->K);
+        }
+    }
+    *xp_out = xp;
+    *xs_out = xs;
+    return 0;
+}
+
+/* qmv(x, w, scales, biases, out, M, N, K, bits, group_size, dtype) */
+static PyObject *py_qmv(PyObject *self, PyObject *args) {
+    PyObject *x, *w, *s, *b, *out;
+    Problem p = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOnnniii", &x, &w, &s, &b, &out, &p.M, &p.N, &p.K, &p.bits, &p.group,
+                          &p.dtype))
+        return NULL;
+    if (check_shape(p.M, p.N, p.K, p.bits, p.group, p.dtype) < 0) return NULL;
+    Buf bufs[5];
+    memset(bufs, 0, sizeof(bufs));
+    float *xp = NULL, *xs = NULL;
+    if (weight_bufs(w, s, b, bufs, &p) < 0) goto fail;
+    if (get_buf(x, &bufs[3], 0, p.M * p.K * 4, "x") < 0) goto fail;
+    if (get_buf(out, &bufs[4], 1, p.M * p.N * 4, "out") < 0) goto fail;
+    if (prepare_x(&p, (const float *)bufs[3].view.buf, &xp, &xs) < 0) goto fail;
+    p.x = xp;
+    p.xsum = xs;
+    p.out = (float *)bufs[4].view.buf;
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(qmv_task, &p, p.N, 8);
+    Py_END_ALLOW_THREADS
+    free(xp);
+    free(xs);
+    release(bufs, 5);
+    Py_RETURN_NONE;
+fail:
+    release(bufs, 5);
+    return NULL;
+}
+
+/* dequantize(w, scales, biases, out, N, K, bits, group_size, dtype) */
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    PyObject *w, *s, *b, *out;
+    Problem p = {0};
+    if (!PyArg_ParseTuple(args, "OOOOnniii", &w, &s, &b, &out, &p.N, &p.K, &p.bits, &p.group, &p.dtype))
+        return NULL;
+    if (check_shape(0, p.N, p.K, p.bits, p.group, p.dtype) < 0) return NULL;
+    Buf bufs[4];
+    memset(bufs, 0, sizeof(bufs));
+    if (weight_bufs(w, s, b, bufs, &p) < 0) goto fail;
+    if (get_buf(out, &bufs[3], 1, p.N * p.K * 4, "out") < 0) goto fail;
+    p.out = (float *)bufs[3].view.buf;
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(dequant_task, &p, p.N, 1);
+    Py_END_ALLOW_THREADS
+    release(bufs, 4);
+    Py_RETURN_NONE;
+fail:
+    release(bufs, 4);
+    return NULL;
+}
+
+/* qgemm(x, w, scales, biases, out, M, N, K, bits, group_size, dtype): tile-wise dequantize + sgemm */
+static PyObject *py_qgemm(PyObject *self, PyObject *args) {
+    PyObject *x, *w, *s, *b, *out;
+    Problem p = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOnnniii", &x, &w, &s, &b, &out, &p.M, &p.N, &p.K, &p.bits, &p.group,
+                          &p.dtype))
+        return NULL;
+    if (check_shape(p.M, p.N, p.K, p.bits, p.group, p.dtype) < 0) return NULL;
+    find_sgemm();
+    if (!cblas_sgemm_ptr) {
+        PyErr_SetString(PyExc_RuntimeError, "no cblas_sgemm in the process (load a BLAS globally first)");
+        return NULL;
+    }
+    Buf bufs[5];
+    memset(bufs, 0, sizeof(bufs));
+    if (weight_bufs(w, s, b, bufs, &p) < 0) goto fail;
+    if (get_buf(x, &bufs[3], 0, p.M * p.K * 4, "x") < 0) goto fail;
+    if (get_buf(out, &bufs[4], 1, p.M * p.N * 4, "out") < 0) goto fail;
+    /* a tile of about 8 MB of float32 weights, a multiple of 64 rows */
+    Py_ssize_t tile = (8 << 20) / (4 * p.K);
+    tile = tile < 64 ? 64 : tile / 64 * 64;
+    if (tile > p.N) tile = p.N;
+    float *buffer = (float *)malloc(sizeof(float) * tile * p.K);
+    if (!buffer) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    const float *xb = (const float *)bufs[3].view.buf;
+    float *ob = (float *)bufs[4].view.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t n0 = 0; n0 < p.N; n0 += tile) {
+        Py_ssize_t rows = p.N - n0 < tile ? p.N - n0 : tile;
+        Problem t = p;
+        t.w = p.w + n0 * (p.K * p.bits / 32);
+        t.scales = (const char *)p.scales + n0 * (p.K / p.group) * (p.dtype == DT_F32 ? 4 : 2);
+        t.biases = (const char *)p.biases + n0 * (p.K / p.group) * (p.dtype == DT_F32 ? 4 : 2);
+        t.N = rows;
+        t.out = buffer;
+        parallel_for(dequant_task, &t, rows, 1);
+        /* CblasRowMajor=101, CblasNoTrans=111, CblasTrans=112: out[:, n0:n0+rows] = x @ tile^T */
+        cblas_sgemm_ptr(101, 111, 112, (int)p.M, (int)rows, (int)p.K, 1.0f, xb, (int)p.K, buffer, (int)p.K,
+                        0.0f, ob + n0, (int)p.N);
+    }
+    Py_END_ALLOW_THREADS
+    free(buffer);
+    release(bufs, 5);
+    Py_RETURN_NONE;
+fail:
+    release(bufs, 5);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* decode attention                                                                          */
+
+typedef struct {
+    const float *q; /* [H, D] */
+    const char *k, *v; /* [Hkv, L, D] with byte strides below; rows contiguous */
+    Py_ssize_t k_head, k_row, v_head, v_row;
+    float *out;    /* [H, D] */
+    float *scores; /* [H, L] scratch */
+    Py_ssize_t H, Hkv, L, D;
+    float scale;
+} Attention;
+
+#if HAVE_X86
+AVX2_FN static float dot_avx2(const float *a, const float *b, Py_ssize_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    float total = hsum256(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+AVX2_FN static void axpy_avx2(float *y, float a, const float *x, Py_ssize_t n) {
+    __m256 av = _mm256_set1_ps(a);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+#endif
+
+static float dot(const float *a, const float *b, Py_ssize_t n) {
+#if HAVE_X86
+    if (use_avx2) return dot_avx2(a, b, n);
+#endif
+    float total = 0.0f;
+    for (Py_ssize_t i = 0; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+static void axpy(float *y, float a, const float *x, Py_ssize_t n) {
+#if HAVE_X86
+    if (use_avx2) {
+        axpy_avx2(y, a, x, n);
+        return;
+    }
+#endif
+    for (Py_ssize_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* kv heads [h0, h1): scores for the group's query heads, softmax, weighted sum of values */
+static void attend_task(void *arg, Py_ssize_t h0, Py_ssize_t h1) {
+    const Attention *a = (const Attention *)arg;
+    Py_ssize_t G = a->H / a->Hkv, L = a->L, D = a->D;
+    for (Py_ssize_t h = h0; h < h1; h++) {
+        float *p = a->scores + h * G * L;
+        const char *k = a->k + h * a->k_head, *v = a->v + h * a->v_head;
+        const float *q = a->q + h * G * D;
+        float *out = a->out + h * G * D;
+        for (Py_ssize_t j = 0; j < L; j++) {
+            const float *row = (const float *)(k + j * a->k_row);
+            for (Py_ssize_t g = 0; g < G; g++) p[g * L + j] = dot(q + g * D, row, D) * a->scale;
+        }
+        for (Py_ssize_t g = 0; g < G; g++) {
+            float *pg = p + g * L, top = pg[0], total = 0.0f;
+            for (Py_ssize_t j = 1; j < L; j++) top = pg[j] > top ? pg[j] : top;
+            for (Py_ssize_t j = 0; j < L; j++) {
+                pg[j] = expf(pg[j] - top);
+                total += pg[j];
+            }
+            for (Py_ssize_t j = 0; j < L; j++) pg[j] /= total;
+            memset(out + g * D, 0, sizeof(float) * D);
+        }
+        for (Py_ssize_t j = 0; j < L; j++) {
+            const float *row = (const float *)(v + j * a->v_row);
+            for (Py_ssize_t g = 0; g < G; g++) axpy(out + g * D, p[g * L + j], row, D);
+        }
+    }
+}
+
+static int strided_4d(PyObject *obj, Py_buffer *view, const char *name) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_STRIDED_RO | PyBUF_FORMAT) < 0) return -1;
+    if (view->ndim != 4 || view->itemsize != 4 || !view->format || strcmp(view->format, "f") != 0 ||
+        view->strides[3] != 4 || view->shape[0] != 1) {
+        PyErr_Format(PyExc_ValueError, "%s: expected float32 [1, heads, L, D] with contiguous rows", name);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/* attend(q [1, H, 1, D] float32 C order, k, v [1, Hkv, L, D] float32 (rows contiguous), out like q, scale) */
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    PyObject *qo, *ko, *vo, *oo;
+    float scale;
+    if (!PyArg_ParseTuple(args, "OOOOf", &qo, &ko, &vo, &oo, &scale)) return NULL;
+    Py_buffer k, v;
+    Buf q_out[2];
+    memset(q_out, 0, sizeof(q_out));
+    if (strided_4d(ko, &k, "k") < 0) return NULL;
+    if (strided_4d(vo, &v, "v") < 0) {
+        PyBuffer_Release(&k);
+        return NULL;
+    }
+    Attention a = {0};
+    a.Hkv = k.shape[1];
+    a.L = k.shape[2];
+    a.D = k.shape[3];
+    PyObject *result = NULL;
+    if (v.shape[1] != a.Hkv || v.shape[2] != a.L || v.shape[3] != a.D || a.L < 1) {
+        PyErr_SetString(PyExc_ValueError, "k and v shapes differ");
+        goto done;
+    }
+    if (PyObject_GetBuffer(qo, &q_out[0].view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    q_out[0].held = 1;
+    a.H = q_out[0].view.len / 4 / a.D;
+    if (a.H * a.D * 4 != q_out[0].view.len || a.H % a.Hkv != 0) {
+        PyErr_SetString(PyExc_ValueError, "q: expected [1, H, 1, D] with H a multiple of the kv heads");
+        goto done;
+    }
+    if (get_buf(oo, &q_out[1], 1, a.H * a.D * 4, "out") < 0) goto done;
+    a.q = (const float *)q_out[0].view.buf;
+    a.out = (float *)q_out[1].view.buf;
+    a.k = (const char *)k.buf;
+    a.v = (const char *)v.buf;
+    a.k_head = k.strides[1];
+    a.k_row = k.strides[2];
+    a.v_head = v.strides[1];
+    a.v_row = v.strides[2];
+    a.scale = scale;
+    a.scores = (float *)malloc(sizeof(float) * a.H * a.L);
+    if (!a.scores) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(attend_task, &a, a.Hkv, 1);
+    Py_END_ALLOW_THREADS
+    free(a.scores);
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    release(q_out, 2);
+    PyBuffer_Release(&k);
+    PyBuffer_Release(&v);
+    return result;
+}
+
+/* stream_sum(float32 buffer) -> sum, read on all threads */
+static PyObject *py_stream_sum(PyObject *self, PyObject *args) {
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "O", &obj)) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    Py_ssize_t n = view.len / 4, parts_n = pool.size;
+    SumPart parts[MAX_THREADS];
+    for (Py_ssize_t i = 0; i < parts_n; i++) {
+        Py_ssize_t a = n * i / parts_n, z = n * (i + 1) / parts_n;
+        parts[i].x = (const float *)view.buf + a;
+        parts[i].n = z - a;
+        parts[i].sum = 0.0;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(sum_task, parts, parts_n, 1);
+    Py_END_ALLOW_THREADS
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < parts_n; i++) total += parts[i].sum;
+    PyBuffer_Release(&view);
+    return PyFloat_FromDouble(total);
+}
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
+    int n;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+    if (n < 1) n = default_threads();
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    pthread_mutex_lock(&pool.mu);
+    pool.size = n;
+    pthread_mutex_unlock(&pool.mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_simd(PyObject *self, PyObject *args) {
+    /* tests: force the scalar path (0) or restore detection (1) */
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+#if HAVE_X86
+    use_avx2 = on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_info(PyObject *self, PyObject *noargs) {
+    find_sgemm();
+    return Py_BuildValue("{s:s,s:i,s:O}", "simd", use_avx2 ? "avx2+fma" : "scalar", "threads", pool.size,
+                         "cblas_sgemm", cblas_sgemm_ptr ? Py_True : Py_False);
+}
+
+static PyMethodDef methods[] = {
+    {"qmv", py_qmv, METH_VARARGS, "x @ W^T for a few rows of x, W quantized (MLX affine)"},
+    {"qgemm", py_qgemm, METH_VARARGS, "x @ W^T for many rows: tile-wise dequantize + cblas_sgemm"},
+    {"dequantize", py_dequantize, METH_VARARGS, "W (MLX affine) -> float32"},
+    {"attend", py_attend, METH_VARARGS, "decode attention: softmax(q K^T * scale) V for one query a head"},
+    {"stream_sum", py_stream_sum, METH_VARARGS, "sum of a float32 buffer, read on all threads"},
+    {"set_num_threads", py_set_num_threads, METH_VARARGS, "threads to use (< 1: all CPUs)"},
+    {"set_simd", py_set_simd, METH_VARARGS, "use AVX2 when available (True) or the scalar path"},
+    {"info", py_info, METH_NOARGS, "{'simd', 'threads', 'cblas_sgemm'}"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpath", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__fastpath(void) {
+#if HAVE_X86
+    __builtin_cpu_init();
+    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    pool.size = default_threads();
+    pthread_atfork(NULL, NULL, after_fork_child);
+    return PyModule_Create(&module);
+}
