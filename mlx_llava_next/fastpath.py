@@ -221,7 +221,6 @@ def enable(model: nn.Module) -> int:
     """
     if not available():
         return 0
-    install_attention()
     count = 0
     for path, module in model.named_modules():
         if type(module) is nn.QuantizedLinear and supports(module):
@@ -229,6 +228,8 @@ def enable(model: nn.Module) -> int:
             if path.split(".")[-1] in HEAD_NAMES:
                 module.lazy_many_rows = True
             count += 1
+    if count:  # float models keep mlx-lm's attention untouched
+        install_attention()
     return count
 
 

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+
+from mlx_llava_next import fastpath
 import mlx.nn as nn
 import numpy as np
 import pytest
@@ -75,6 +77,7 @@ def in_memory_quantized(float_dir, config, dtype=None):
     quantize_model(model, config, warn=lambda message: None)
     if dtype is not None:
         model.load_weights(list(cast(params(model), dtype).items()))
+    fastpath.auto_enable(model)  # the same kernels as the loaded conversion, as load() picks them
     return model
 
 
