@@ -17,7 +17,8 @@ import numpy as np
 from mlx_llava_next import fastpath
 from mlx_llava_next.config import LlavaNextConfig
 from mlx_llava_next.gguf_layout import from_gguf, permute_rows, qk_heads, text_shapes
-from quantize.ggml import FILE_TYPES, encode, nbytes, tensor_type
+from convert.gguf import text_hyperparameters
+from quantize.ggml import encode, nbytes, tensor_type
 
 from .memory import run_measured
 
@@ -56,20 +57,7 @@ def export_text_gguf(model, config: dict, path, qtype: str = "q4_0") -> Path:
     shapes = text_shapes(text, tied=False)
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name("mlx-llava-next benchmark (random weights)")
-    writer.add_file_type(FILE_TYPES[qtype])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_vocab_size(text["vocab_size"])
-    writer.add_context_length(text["max_position_embeddings"])
-    writer.add_embedding_length(text["hidden_size"])
-    writer.add_feed_forward_length(text["intermediate_size"])
-    writer.add_block_count(text["num_hidden_layers"])
-    writer.add_head_count(text["num_attention_heads"])
-    writer.add_head_count_kv(text["num_key_value_heads"])
-    writer.add_rope_dimension_count(text["head_dim"])
-    writer.add_rope_freq_base(float(text["rope_theta"]))
-    writer.add_layer_norm_rms_eps(float(text["rms_norm_eps"]))
+    text_hyperparameters(writer, text, "mlx-llava-next benchmark (random weights)", qtype)
     synthetic_vocab(writer, text["vocab_size"])
     planned = [(name, shape, tensor_type(name, shape, qtype)) for name, shape in shapes.items()]
     for name, shape, ggml_type in planned:

@@ -118,9 +118,8 @@ def write_gguf(path: Path, writer: gguf.GGUFWriter, planned: List[Planned], weig
     writer.close()
 
 
-def text_metadata(writer: gguf.GGUFWriter, config: LlavaNextConfig, name: str, qtype: str, tokenizer,
-                  chat_template: str) -> None:
-    text = config.text_config
+def text_hyperparameters(writer: gguf.GGUFWriter, text: dict, name: str, qtype: str) -> None:
+    """The `<arch>.*` sizes llama.cpp reads for a text model (shared with the benchmark)."""
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_file_type(FILE_TYPES[qtype])
@@ -137,6 +136,12 @@ def text_metadata(writer: gguf.GGUFWriter, config: LlavaNextConfig, name: str, q
     writer.add_rope_dimension_count(text["head_dim"])
     writer.add_rope_freq_base(float(text["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(text["rms_norm_eps"]))
+
+
+def text_metadata(writer: gguf.GGUFWriter, config: LlavaNextConfig, name: str, qtype: str, tokenizer,
+                  chat_template: str) -> None:
+    text = config.text_config
+    text_hyperparameters(writer, text, name, qtype)
     scaling = text.get("rope_scaling")
     if scaling:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
