@@ -142,7 +142,7 @@ def worker_main(name: str, args: dict) -> dict:
 
 
 def run(shape: str = "mistral-7b", bits: int = 4, group_size: int = 64, compare: List[str] = (),
-        llama_cpp_bin: Optional[str] = None, decode_tokens: int = 64, prefill_step: int = 512,
+        llama_cpp_bin: Optional[str] = None, decode_tokens: int = 64, prefill_step: int = 2048,
         threads: int = 2, transformers_dtype: str = "bfloat16", transformers_layers: Optional[int] = None,
         transformers_max_seconds: float = 7200.0, llama_cpp_depth: bool = True, workdir: Optional[str] = None,
         log=lambda message: None) -> dict:

@@ -92,7 +92,7 @@ def decode(model: Model, token: mx.array, cache, n: int) -> list:
     return times
 
 
-def run(model: Model, config: dict, decode_tokens: int = 64, prefill_step: int = 512) -> dict:
+def run(model: Model, config: dict, decode_tokens: int = 64, prefill_step: int = 2048) -> dict:
     """Image -> preprocessing -> vision tower -> prefill -> first token -> decode; times and memory."""
     image = test_image()
     processor = ImageProcessor(image_grid_pinpoints=config["image_grid_pinpoints"])

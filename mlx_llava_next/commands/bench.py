@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
             help="Also time llama.cpp's decoding after a prompt-long context (one more prefill).",
         ),
         decode_tokens: int = typer.Option(64, "--decode-tokens", help="Tokens to decode."),
-        prefill_step: int = typer.Option(512, "--prefill-step", help="Prefill chunk (tokens)."),
+        prefill_step: int = typer.Option(2048, "--prefill-step", help="Prefill chunk (tokens); 2048 is what generation uses."),
         threads: int = typer.Option(2, "--threads", help="Threads for llama.cpp and torch."),
         transformers_dtype: str = typer.Option("bfloat16", "--transformers-dtype", help="float32, float16 or bfloat16."),
         transformers_layers: Optional[int] = typer.Option(
