@@ -14,8 +14,12 @@ native kernels in `native/fastpath.c` (built at install time, see setup.py):
 Decoding also reads the whole KV cache once a token, and MLX's CPU attention for one query
 runs unfused at a tenth of memory speed (2,900 cached tokens: 30 ms a layer). `enable` also
 routes mlx-lm's `scaled_dot_product_attention` (llama, qwen2) for a single query without a mask
-through a native kernel that reads each cached key/value row once for all heads of its group;
-everything else goes to mlx-lm's function unchanged.
+through a native kernel that reads each cached key/value row once for all heads of its group.
+A prompt chunk is held up by something else: MLX's CPU `exp` is scalar on x86, so in a
+2,048-token chunk the attention's softmax (3.6 s a layer) and the MLP's SiLU (0.9 s) cost more
+than the attention's products. Causal chunks (mask="causal") and mlx-lm's `swiglu` for many
+rows go to native kernels with a vector exp, the products to the BLAS. Everything else (masks
+as arrays: left-padded batches, sliding windows) goes to mlx-lm's functions unchanged.
 
 All of these are eager: the input is evaluated and the result comes back as a new array (the
 host views of evaluated MLX arrays are zero-copy). The language-model head stays lazy for many rows
@@ -150,32 +154,40 @@ class FastQuantizedLinear(nn.QuantizedLinear):
         return y
 
 
-# -- decode attention ---------------------------------------------------------------------------
+# -- attention and SwiGLU ----------------------------------------------------------------------
 
-ATTENTION_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2")
+HOOKED_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2")
 
 
-def _attention_fits(queries, keys, values, cache, mask, sinks) -> bool:
-    return (
-        mask is None
-        and sinks is None
+def _attention_kind(queries, keys, values, cache, mask, sinks):
+    """'decode' (one query, no mask), 'causal' (a prompt chunk, MLX's mask="causal") or None."""
+    if not (
+        sinks is None
         and not hasattr(cache, "bits")  # quantized KV cache: mlx-lm's own kernel
         and queries.ndim == 4
-        and queries.shape[0] == 1
-        and queries.shape[2] == 1
         and keys.ndim == 4
+        and queries.shape[0] == 1
         and keys.shape[2] > 0
         and queries.shape[1] % keys.shape[1] == 0
         and queries.dtype == keys.dtype == values.dtype == mx.float32
         and mx.default_device() == mx.cpu
-    )
+    ):
+        return None
+    if mask is None and queries.shape[2] == 1:
+        return "decode"
+    if isinstance(mask, str) and mask == "causal" and 1 < queries.shape[2] <= keys.shape[2] and sgemm_available():
+        return "causal"
+    return None
 
 
 def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask=None, sinks=None):
-    """mlx-lm's `scaled_dot_product_attention`, with decode steps on the native kernel."""
+    """mlx-lm's `scaled_dot_product_attention`, with decode steps and causal prompt chunks on the
+    native kernels (one query: each cached row read once for its group; a chunk: BLAS products
+    and a vector-exp softmax, a block of queries at a time)."""
     from mlx_lm.models import base
 
-    if native is not None and _attention_fits(queries, keys, values, cache, mask, sinks):
+    kind = _attention_kind(queries, keys, values, cache, mask, sinks) if native is not None else None
+    if kind is not None:
         try:
             mx.eval(queries, keys, values)
         except Exception:  # inside mx.compile / vmap
@@ -184,30 +196,59 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
         k, v = np.asarray(keys), np.asarray(values)  # views of the cache buffer (rows contiguous)
         if k.strides[-1] == v.strides[-1] == 4:
             out = np.empty_like(q)
-            native.attend(q, k, v, out, float(scale))
+            (native.attend if kind == "decode" else native.attend_causal)(q, k, v, out, float(scale))
             return mx.array(out)
     return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
 
+def swiglu(gate, x):
+    """mlx-lm's `swiglu` (silu(gate) * x); many rows in float32 go to the native kernel."""
+    from mlx_lm.models import activations
+
+    rows = gate.size // gate.shape[-1] if gate.ndim and gate.shape[-1] else 0
+    if (
+        native is not None
+        and rows > SMALL_M
+        and gate.shape == x.shape
+        and gate.dtype == x.dtype == mx.float32
+        and mx.default_device() == mx.cpu
+    ):
+        try:
+            mx.eval(gate, x)
+        except Exception:  # inside mx.compile / vmap
+            return activations.swiglu(gate, x)
+        g, u = np.ascontiguousarray(np.asarray(gate)), np.ascontiguousarray(np.asarray(x))
+        out = np.empty_like(g)
+        native.swiglu(g, u, out)
+        return mx.array(out)
+    return activations.swiglu(gate, x)
+
+
+HOOKS = {"scaled_dot_product_attention": scaled_dot_product_attention, "swiglu": swiglu}
+
+
 def install_attention() -> None:
-    """Point mlx-lm's llama/qwen2 attention at `scaled_dot_product_attention` above (idempotent)."""
+    """Point mlx-lm's llama/qwen2 attention and SwiGLU at the functions above (idempotent)."""
     import importlib
 
-    for name in ATTENTION_MODULES:
+    for name in HOOKED_MODULES:
         module = importlib.import_module(name)
-        if getattr(module, "scaled_dot_product_attention", None) is not None:
-            module.scaled_dot_product_attention = scaled_dot_product_attention
+        for attribute, hook in HOOKS.items():
+            if getattr(module, attribute, None) is not None:
+                setattr(module, attribute, hook)
 
 
 def uninstall_attention() -> None:
     import importlib
 
-    from mlx_lm.models import base
+    from mlx_lm.models import activations, base
 
-    for name in ATTENTION_MODULES:
+    originals = {"scaled_dot_product_attention": base.scaled_dot_product_attention, "swiglu": activations.swiglu}
+    for name in HOOKED_MODULES:
         module = importlib.import_module(name)
-        if getattr(module, "scaled_dot_product_attention", None) is scaled_dot_product_attention:
-            module.scaled_dot_product_attention = base.scaled_dot_product_attention
+        for attribute, hook in HOOKS.items():
+            if getattr(module, attribute, None) is hook:
+                setattr(module, attribute, originals[attribute])
 
 
 # -- swapping layers ------------------------------------------------------------------------------

@@ -172,18 +172,89 @@ def test_decode_attention_matches_float64(heads, kv_heads, length, dim):
     assert np.max(np.abs(np.asarray(ours) - exact)) < 1e-5 * np.max(np.abs(exact))
 
 
+def causal_attention64(q, k, v, scale):
+    """The float64 oracle with MLX's mask="causal": query i of L sees keys [0, S - L + i]."""
+    L, S = q.shape[2], k.shape[2]
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    s = q @ k.swapaxes(-1, -2) * scale
+    s = np.where(np.arange(S)[None, :] > np.arange(L)[:, None] + (S - L), -np.inf, s)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+# (heads, kv heads, cached tokens before the chunk, chunk length, head dim); 300+ queries
+# cross the kernel's 256-query blocks
+@pytest.mark.parametrize("heads, kv_heads, cached, length, dim",
+                         [(32, 8, 0, 300, 128), (14, 2, 50, 37, 64), (8, 1, 7, 513, 80), (4, 4, 0, 2, 64)])
+def test_causal_prompt_attention_matches_float64_and_mlx(heads, kv_heads, cached, length, dim):
+    from mlx_lm.models.cache import KVCache
+
+    cache = KVCache()  # keys/values are strided views of the cache's buffer
+    mx.random.seed(8)
+    if cached:
+        shape = (1, kv_heads, cached, dim)
+        cache.update_and_fetch(mx.random.normal(shape), mx.random.normal(shape))
+    shape = (1, kv_heads, length, dim)
+    k, v = cache.update_and_fetch(mx.random.normal(shape), mx.random.normal(shape))
+    q = mx.random.normal((1, heads, length, dim)) * 3  # peaked softmax rows
+    scale = dim ** -0.5
+    assert fastpath._attention_kind(q, k, v, cache, "causal", None) == "causal"
+    ours = fastpath.scaled_dot_product_attention(q, k, v, cache, scale=scale, mask="causal")
+    exact = causal_attention64(q, k, v, scale)
+    mlx = np.asarray(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal"))
+    assert ours.shape == (1, heads, length, dim) and ours.dtype == mx.float32
+    bound = 1e-5 * np.max(np.abs(exact))
+    assert np.max(np.abs(np.asarray(ours) - exact)) < bound
+    assert np.max(np.abs(mlx - exact)) < bound  # the same alignment of the mask as MLX's
+
+
 def test_attention_hands_other_cases_to_mlx_lm(monkeypatch):
     from mlx_lm.models import base
 
     calls = []
     monkeypatch.setattr(base, "scaled_dot_product_attention", lambda *a, **k: calls.append(k) or "mlx-lm")
     q, k = mx.zeros((1, 4, 3, 8)), mx.zeros((1, 2, 3, 8))
-    assert fastpath.scaled_dot_product_attention(q, k, k, None, scale=1.0, mask="causal") == "mlx-lm"  # prefill
+    mask = mx.zeros((3, 3), dtype=mx.bool_)  # an array mask: padded batch, sliding window
+    assert fastpath.scaled_dot_product_attention(q, k, k, None, scale=1.0, mask=mask) == "mlx-lm"
+    assert fastpath.scaled_dot_product_attention(q, k[:, :, :2], k[:, :, :2], None, scale=1.0,
+                                                 mask="causal") == "mlx-lm"  # fewer keys than queries
     q1 = mx.zeros((1, 4, 1, 8))
     assert fastpath.scaled_dot_product_attention(q1, k, k, None, scale=1.0, mask=mx.zeros((1, 3))) == "mlx-lm"
     assert fastpath.scaled_dot_product_attention(q1.astype(mx.float16), k.astype(mx.float16), k.astype(mx.float16),
                                                  None, scale=1.0) == "mlx-lm"
-    assert len(calls) == 3
+    assert fastpath.scaled_dot_product_attention(mx.zeros((2, 4, 3, 8)), mx.zeros((2, 2, 3, 8)),
+                                                 mx.zeros((2, 2, 3, 8)), None, scale=1.0, mask="causal") == "mlx-lm"
+    assert len(calls) == 5
+
+
+def test_swiglu_matches_float64_and_mlx_lm():
+    from mlx_lm.models.activations import swiglu as mlx_swiglu
+
+    rng = np.random.default_rng(9)
+    gate = rng.standard_normal((1, 40, 301)).astype(np.float32) * 4  # rows > SMALL_M, odd width
+    gate[0, 0, :6] = [0.0, -0.0, 100.0, -100.0, 88.0, -90.0]
+    x = rng.standard_normal((1, 40, 301)).astype(np.float32)
+    ours = fastpath.swiglu(mx.array(gate), mx.array(x))
+    g64 = gate.astype(np.float64)
+    exact = g64 / (1 + np.exp(-g64)) * x
+    assert ours.shape == gate.shape and ours.dtype == mx.float32
+    assert np.allclose(np.asarray(ours), exact, rtol=1e-6, atol=1e-30)
+    assert np.allclose(np.asarray(mlx_swiglu(mx.array(gate), mx.array(x))), exact, rtol=1e-6, atol=1e-30)
+    few = fastpath.swiglu(mx.array(gate[:, :3]), mx.array(x[:, :3]))  # decode sizes stay on MLX
+    assert np.allclose(np.asarray(few), exact[:, :3], rtol=1e-6, atol=1e-30)
+
+
+def test_prefill_tiles_cover_every_row():
+    w, s, b = quantized(1000, 384, 64, 4)  # 1000 rows: 3 full 256-row tiles and a partial one
+    W = exact_weight(w, s, b, 64, 4)
+    x = np.random.default_rng(3).standard_normal((40, 384)).astype(np.float32)
+    hw = fastpath._HostWeights(w, s, b)
+    for tile_bytes in (1, 256 * 384 * 4, 1 << 30):  # smallest tile (256 rows), exactly 256, one tile
+        out = np.empty((40, 1000), np.float32)
+        fastpath.native.qgemm(x, *hw.views, out, 40, 1000, 384, 4, 64, hw.dtype, tile_bytes)
+        assert relative_error(out, x, W) < TOLERANCE, tile_bytes
 
 
 def test_enable_routes_mlx_lm_attention_and_disable_restores():
@@ -191,9 +262,13 @@ def test_enable_routes_mlx_lm_attention_and_disable_restores():
 
     model = nn.Sequential(nn.QuantizedLinear(128, 32, group_size=64, bits=4))
     fastpath.enable(model)
+    from mlx_lm.models import activations, qwen2
+
     assert llama.scaled_dot_product_attention is fastpath.scaled_dot_product_attention
+    assert llama.swiglu is qwen2.swiglu is fastpath.swiglu
     fastpath.disable(model)
     assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention
+    assert llama.swiglu is qwen2.swiglu is activations.swiglu
     fastpath.enable(model)  # leave it as load() would
 
 
