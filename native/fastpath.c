@@ -294,16 +294,32 @@ AVX2_FN static void row_params_avx2(const void *scales, const void *biases, int 
 }
 
 /*
+ * 32 weights decoded to four float vectors, in the order x's lanes expect.
  * 4-bit: 8 bytes hold 16 values; byte j holds value 2j (low nibble) and 2j+1 (high nibble).
  * Zero-extending the 8 bytes to 8 int32 lanes gives the even values (& 0xf) and the odd values
  * (>> 4) with two instructions, so x is pre-permuted per 16 values: evens first, then odds.
- * MB rows of x share each decoded weight vector.
+ * 8-bit: byte j is value j, so x stays in natural order.
  */
-#define DEFINE_QMV4(MB)                                                                          \
-    AVX2_FN static void qmv4_rows_##MB(const Problem *p, Py_ssize_t n0, Py_ssize_t n1,            \
-                                       Py_ssize_t m0) {                                           \
-        const Py_ssize_t K = p->K, groups = K / p->group, words = K / 8;                           \
-        const __m256i low = _mm256_set1_epi32(0xf);                                               \
+AVX2_FN static inline void decode32_4(const uint8_t *w, __m256 q[4]) {
+    const __m256i low = _mm256_set1_epi32(0xf);
+    __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)w));
+    __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 8)));
+    q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, low));
+    q[1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+    q[2] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, low));
+    q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+}
+
+AVX2_FN static inline void decode32_8(const uint8_t *w, __m256 q[4]) {
+    for (int i = 0; i < 4; i++)
+        q[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 8 * i))));
+}
+
+/* BITS-bit weights, MB rows of x: each decoded weight vector is shared by the MB rows. */
+#define DEFINE_QMV(BITS, MB)                                                                     \
+    AVX2_FN static void qmv##BITS##_rows_##MB(const Problem *p, Py_ssize_t n0, Py_ssize_t n1,     \
+                                              Py_ssize_t m0) {                                    \
+        const Py_ssize_t K = p->K, groups = K / p->group, words = K * BITS / 32;                   \
         float s[4096], b[4096];                                                                   \
         for (Py_ssize_t n = n0; n < n1; n++) {                                                    \
             const uint8_t *w = (const uint8_t *)(p->w + n * words);                               \
@@ -316,32 +332,28 @@ AVX2_FN static void row_params_avx2(const void *scales, const void *biases, int 
             }                                                                                     \
             Py_ssize_t k = 0;                                                                     \
             for (Py_ssize_t g = 0; g < groups; g++) {                                             \
-                __m256 a0[MB], a1[MB], a2[MB], a3[MB];                                                \
-                for (int m = 0; m < MB; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm256_setzero_ps();     \
-                for (Py_ssize_t end = k + p->group; k < end; k += 32, w += 16) {                  \
-                    __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)w));       \
-                    __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 8))); \
-                    __m256 e0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, low));                    \
-                    __m256 o0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));                     \
-                    __m256 e1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, low));                    \
-                    __m256 o1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));                     \
+                __m256 a0[MB], a1[MB], a2[MB], a3[MB];                                            \
+                for (int m = 0; m < MB; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm256_setzero_ps(); \
+                for (Py_ssize_t end = k + p->group; k < end; k += 32, w += 4 * BITS) {            \
+                    __m256 q[4];                                                                  \
+                    decode32_##BITS(w, q);                                                        \
                     for (int m = 0; m < MB; m++) {                                                \
                         const float *x = p->x + (m0 + m) * K + k;                                 \
-                        a0[m] = _mm256_fmadd_ps(e0, _mm256_loadu_ps(x), a0[m]);                   \
-                        a1[m] = _mm256_fmadd_ps(o0, _mm256_loadu_ps(x + 8), a1[m]);               \
-                        if (MB == 1) { /* four chains hide the FMA latency */                         \
-                            a2[m] = _mm256_fmadd_ps(e1, _mm256_loadu_ps(x + 16), a2[m]);              \
-                            a3[m] = _mm256_fmadd_ps(o1, _mm256_loadu_ps(x + 24), a3[m]);              \
-                        } else {                                                                      \
-                            a0[m] = _mm256_fmadd_ps(e1, _mm256_loadu_ps(x + 16), a0[m]);              \
-                            a1[m] = _mm256_fmadd_ps(o1, _mm256_loadu_ps(x + 24), a1[m]);              \
-                        }                                                                             \
+                        a0[m] = _mm256_fmadd_ps(q[0], _mm256_loadu_ps(x), a0[m]);                 \
+                        a1[m] = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x + 8), a1[m]);             \
+                        if (MB == 1) { /* four chains hide the FMA latency */                     \
+                            a2[m] = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + 16), a2[m]);        \
+                            a3[m] = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + 24), a3[m]);        \
+                        } else {                                                                  \
+                            a0[m] = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + 16), a0[m]);        \
+                            a1[m] = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + 24), a1[m]);        \
+                        }                                                                         \
                     }                                                                             \
                 }                                                                                 \
                 __m256 scale = _mm256_set1_ps(s[g]);                                              \
                 for (int m = 0; m < MB; m++) {                                                    \
-                    __m256 dot = _mm256_add_ps(_mm256_add_ps(a0[m], a1[m]), _mm256_add_ps(a2[m], a3[m]));\
-                    total[m] = _mm256_fmadd_ps(dot, scale, total[m]);                                 \
+                    __m256 dot = _mm256_add_ps(_mm256_add_ps(a0[m], a1[m]), _mm256_add_ps(a2[m], a3[m])); \
+                    total[m] = _mm256_fmadd_ps(dot, scale, total[m]);                             \
                     bias_part[m] += b[g] * p->xsum[(m0 + m) * groups + g];                        \
                 }                                                                                 \
             }                                                                                     \
@@ -349,62 +361,14 @@ AVX2_FN static void row_params_avx2(const void *scales, const void *biases, int 
         }                                                                                         \
     }
 
-/* 8-bit: byte j is value j, so x stays in natural order. */
-#define DEFINE_QMV8(MB)                                                                          \
-    AVX2_FN static void qmv8_rows_##MB(const Problem *p, Py_ssize_t n0, Py_ssize_t n1,            \
-                                       Py_ssize_t m0) {                                           \
-        const Py_ssize_t K = p->K, groups = K / p->group, words = K / 4;                           \
-        float s[4096], b[4096];                                                                   \
-        for (Py_ssize_t n = n0; n < n1; n++) {                                                    \
-            const uint8_t *w = (const uint8_t *)(p->w + n * words);                               \
-            row_params_avx2(p->scales, p->biases, p->dtype, n, groups, s, b);                     \
-            __m256 total[MB];                                                                     \
-            float bias_part[MB];                                                                  \
-            for (int m = 0; m < MB; m++) {                                                        \
-                total[m] = _mm256_setzero_ps();                                                   \
-                bias_part[m] = 0.0f;                                                              \
-            }                                                                                     \
-            Py_ssize_t k = 0;                                                                     \
-            for (Py_ssize_t g = 0; g < groups; g++) {                                             \
-                __m256 a0[MB], a1[MB], a2[MB], a3[MB];                                                \
-                for (int m = 0; m < MB; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm256_setzero_ps();     \
-                for (Py_ssize_t end = k + p->group; k < end; k += 32, w += 32) {                  \
-                    __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)w)));        \
-                    __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 8))));  \
-                    __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 16)))); \
-                    __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 24)))); \
-                    for (int m = 0; m < MB; m++) {                                                \
-                        const float *x = p->x + (m0 + m) * K + k;                                 \
-                        a0[m] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x), a0[m]);                   \
-                        a1[m] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x + 8), a1[m]);               \
-                        if (MB == 1) { /* four chains hide the FMA latency */                         \
-                            a2[m] = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x + 16), a2[m]);              \
-                            a3[m] = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x + 24), a3[m]);              \
-                        } else {                                                                      \
-                            a0[m] = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x + 16), a0[m]);              \
-                            a1[m] = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x + 24), a1[m]);              \
-                        }                                                                             \
-                    }                                                                             \
-                }                                                                                 \
-                __m256 scale = _mm256_set1_ps(s[g]);                                              \
-                for (int m = 0; m < MB; m++) {                                                    \
-                    __m256 dot = _mm256_add_ps(_mm256_add_ps(a0[m], a1[m]), _mm256_add_ps(a2[m], a3[m]));\
-                    total[m] = _mm256_fmadd_ps(dot, scale, total[m]);                                 \
-                    bias_part[m] += b[g] * p->xsum[(m0 + m) * groups + g];                        \
-                }                                                                                 \
-            }                                                                                     \
-            for (int m = 0; m < MB; m++) p->out[(m0 + m) * p->N + n] = hsum256(total[m]) + bias_part[m]; \
-        }                                                                                         \
-    }
-
-DEFINE_QMV4(1)
-DEFINE_QMV4(2)
-DEFINE_QMV4(3)
-DEFINE_QMV4(4)
-DEFINE_QMV8(1)
-DEFINE_QMV8(2)
-DEFINE_QMV8(3)
-DEFINE_QMV8(4)
+DEFINE_QMV(4, 1)
+DEFINE_QMV(4, 2)
+DEFINE_QMV(4, 3)
+DEFINE_QMV(4, 4)
+DEFINE_QMV(8, 1)
+DEFINE_QMV(8, 2)
+DEFINE_QMV(8, 3)
+DEFINE_QMV(8, 4)
 
 typedef void (*rows_fn)(const Problem *, Py_ssize_t, Py_ssize_t, Py_ssize_t);
 static const rows_fn qmv4_kernels[5] = {NULL, qmv4_rows_1, qmv4_rows_2, qmv4_rows_3, qmv4_rows_4};
@@ -724,6 +688,69 @@ fail:
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* a vector exp (MLX's CPU exp is scalar on x86) and the softmax of a row built on it      */
+
+#if HAVE_X86
+/* e^x for 8 floats: Cephes' expf (reduction by ln 2 in two parts, degree-5 polynomial). */
+AVX2_FN static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* row[0:n] = softmax(row[0:n]), row[n:width] = 0 */
+AVX2_FN static void softmax_row_avx2(float *row, Py_ssize_t n, Py_ssize_t width) {
+    Py_ssize_t j = 0;
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= n; j += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + j));
+    float top = hmax256(top8);
+    for (; j < n; j++) top = row[j] > top ? row[j] : top;
+    __m256 shift = _mm256_set1_ps(top), sum8 = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
+        _mm256_storeu_ps(row + j, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float total = hsum256(sum8);
+    for (; j < n; j++) {
+        row[j] = expf(row[j] - top);
+        total += row[j];
+    }
+    __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inv));
+    for (; j < n; j++) row[j] *= 1.0f / total;
+    memset(row + n, 0, sizeof(float) * (width - n));
+}
+#endif
+
+static void softmax_row(float *row, Py_ssize_t n, Py_ssize_t width) {
+#if HAVE_X86
+    if (use_avx2) {
+        softmax_row_avx2(row, n, width);
+        return;
+    }
+#endif
+    float top = row[0], total = 0.0f;
+    for (Py_ssize_t j = 1; j < n; j++) top = row[j] > top ? row[j] : top;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        row[j] = expf(row[j] - top);
+        total += row[j];
+    }
+    for (Py_ssize_t j = 0; j < n; j++) row[j] *= 1.0f / total;
+    memset(row + n, 0, sizeof(float) * (width - n));
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* decode attention                                                                          */
 
 typedef struct {
@@ -790,13 +817,7 @@ static void attend_task(void *arg, Py_ssize_t h0, Py_ssize_t h1) {
             for (Py_ssize_t g = 0; g < G; g++) p[g * L + j] = dot(q + g * D, row, D) * a->scale;
         }
         for (Py_ssize_t g = 0; g < G; g++) {
-            float *pg = p + g * L, top = pg[0], total = 0.0f;
-            for (Py_ssize_t j = 1; j < L; j++) top = pg[j] > top ? pg[j] : top;
-            for (Py_ssize_t j = 0; j < L; j++) {
-                pg[j] = expf(pg[j] - top);
-                total += pg[j];
-            }
-            for (Py_ssize_t j = 0; j < L; j++) pg[j] /= total;
+            softmax_row(p + g * L, L, L);
             memset(out + g * D, 0, sizeof(float) * D);
         }
         for (Py_ssize_t j = 0; j < L; j++) {
@@ -880,48 +901,9 @@ done:
 /* the SiLU of the MLP cost more than the attention's matrix products. These use a vector    */
 /* exp, and the attention's products go to the process's BLAS, a block of queries at a time. */
 
+static inline float swiglu1(float g, float x) { return g / (1.0f + expf(-g)) * x; }
+
 #if HAVE_X86
-/* e^x for 8 floats: Cephes' expf (reduction by ln 2 in two parts, degree-5 polynomial). */
-AVX2_FN static inline __m256 exp256(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-/* row[0:n] = softmax(row[0:n]), row[n:width] = 0 */
-AVX2_FN static void softmax_row_avx2(float *row, Py_ssize_t n, Py_ssize_t width) {
-    Py_ssize_t j = 0;
-    __m256 top8 = _mm256_set1_ps(-INFINITY);
-    for (; j + 8 <= n; j += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + j));
-    float top = hmax256(top8);
-    for (; j < n; j++) top = row[j] > top ? row[j] : top;
-    __m256 shift = _mm256_set1_ps(top), sum8 = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= n; j += 8) {
-        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
-        _mm256_storeu_ps(row + j, e);
-        sum8 = _mm256_add_ps(sum8, e);
-    }
-    float total = hsum256(sum8);
-    for (; j < n; j++) {
-        row[j] = expf(row[j] - top);
-        total += row[j];
-    }
-    __m256 inv = _mm256_set1_ps(1.0f / total);
-    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inv));
-    for (; j < n; j++) row[j] *= 1.0f / total;
-    memset(row + n, 0, sizeof(float) * (width - n));
-}
-
 AVX2_FN static void swiglu_avx2(const float *g, const float *x, float *out, Py_ssize_t n) {
     Py_ssize_t i = 0;
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
@@ -930,26 +912,9 @@ AVX2_FN static void swiglu_avx2(const float *g, const float *x, float *out, Py_s
         __m256 denominator = _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, gv)));
         _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, denominator), _mm256_loadu_ps(x + i)));
     }
-    for (; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * x[i];
+    for (; i < n; i++) out[i] = swiglu1(g[i], x[i]);
 }
 #endif
-
-static void softmax_row(float *row, Py_ssize_t n, Py_ssize_t width) {
-#if HAVE_X86
-    if (use_avx2) {
-        softmax_row_avx2(row, n, width);
-        return;
-    }
-#endif
-    float top = row[0], total = 0.0f;
-    for (Py_ssize_t j = 1; j < n; j++) top = row[j] > top ? row[j] : top;
-    for (Py_ssize_t j = 0; j < n; j++) {
-        row[j] = expf(row[j] - top);
-        total += row[j];
-    }
-    for (Py_ssize_t j = 0; j < n; j++) row[j] *= 1.0f / total;
-    memset(row + n, 0, sizeof(float) * (width - n));
-}
 
 typedef struct {
     float *scores;           /* [rows, width] */
@@ -977,7 +942,7 @@ static void swiglu_task(void *arg, Py_ssize_t i0, Py_ssize_t i1) {
         return;
     }
 #endif
-    for (Py_ssize_t i = i0; i < i1; i++) a->out[i] = a->g[i] / (1.0f + expf(-a->g[i])) * a->x[i];
+    for (Py_ssize_t i = i0; i < i1; i++) a->out[i] = swiglu1(a->g[i], a->x[i]);
 }
 
 #define CAUSAL_BLOCK 256 /* queries per product: 256 x 3,000 keys of scores is 3 MB */
