@@ -17,28 +17,28 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss() -> int:
-    """Peak resident set size in bytes since start (or since `reset_peak_rss`)."""
+def _proc_kib(path: str, field: str) -> Optional[int]:
+    """A 'Field:   N kB' line of a /proc file, in bytes (None when unreadable)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss() -> int:
+    """Peak resident set size in bytes since start (or since `reset_peak_rss`)."""
+    rss = _proc_kib("/proc/self/status", "VmHWM")
+    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def available_bytes() -> int:
     """MemAvailable (what can be allocated without swapping), or total physical memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def run_measured(cmd: List[str], timeout: Optional[float] = None, **kwargs) -> Tuple[int, str, str, int]:

@@ -118,6 +118,15 @@ def sgemm_available() -> bool:
     return _sgemm
 
 
+def evaluated(*arrays) -> bool:
+    """Evaluate arrays for the native kernels; False inside mx.compile / vmap, where they cannot be."""
+    try:
+        mx.eval(*arrays)
+    except Exception:
+        return False
+    return True
+
+
 class FastQuantizedLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear` computed by the native kernels (same parameters, same results)."""
 
@@ -141,9 +150,7 @@ class FastQuantizedLinear(nn.QuantizedLinear):
             scales, biases = self["scales"].astype(mx.float32), self["biases"].astype(mx.float32)
             y = x @ mx.dequantize(self["weight"], scales, biases, self.group_size, self.bits).T
         else:
-            try:
-                mx.eval(x)
-            except Exception:  # inside mx.compile / vmap: arrays cannot be evaluated
+            if not evaluated(x):
                 return super().__call__(x)
             xh = np.ascontiguousarray(np.asarray(x).reshape(M, K))
             N = self["weight"].shape[0]
@@ -187,11 +194,7 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
     from mlx_lm.models import base
 
     kind = _attention_kind(queries, keys, values, cache, mask, sinks) if native is not None else None
-    if kind is not None:
-        try:
-            mx.eval(queries, keys, values)
-        except Exception:  # inside mx.compile / vmap
-            return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    if kind is not None and evaluated(queries, keys, values):
         q = np.ascontiguousarray(np.asarray(queries))
         k, v = np.asarray(keys), np.asarray(values)  # views of the cache buffer (rows contiguous)
         if k.strides[-1] == v.strides[-1] == 4:
@@ -212,11 +215,8 @@ def swiglu(gate, x):
         and gate.shape == x.shape
         and gate.dtype == x.dtype == mx.float32
         and mx.default_device() == mx.cpu
+        and evaluated(gate, x)
     ):
-        try:
-            mx.eval(gate, x)
-        except Exception:  # inside mx.compile / vmap
-            return activations.swiglu(gate, x)
         g, u = np.ascontiguousarray(np.asarray(gate)), np.ascontiguousarray(np.asarray(x))
         out = np.empty_like(g)
         native.swiglu(g, u, out)
