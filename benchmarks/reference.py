@@ -126,9 +126,11 @@ def run(config: dict, dtype: str = "bfloat16", layers: Optional[int] = None, dec
         model.model.language_model.layers = model.model.language_model.layers[:1]
         model.config.text_config.num_hidden_layers = 1
         prefill_1, decode_1 = text_times(torch, model, embeddings, decode_tokens)
+        # a layer cannot take negative time: on tiny models timing noise can make the longer run
+        # the faster one, which would extrapolate to a negative total
         scale = (depth - 1) / (layers - 1)
-        prefill_s = prefill_1 + (prefill_s - prefill_1) * scale
-        decode_s = decode_1 + (decode_s - decode_1) * scale
+        prefill_s = prefill_1 + max(prefill_s - prefill_1, 0.0) * scale
+        decode_s = decode_1 + max(decode_s - decode_1, 0.0) * scale
         rss += (depth - layers) * per_layer_bytes
     result.update({
         "preprocess_s": preprocessed - start,
