@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -101,7 +102,7 @@ static struct {
     int size;      /* threads wanted, the caller included */
     int running;   /* worker threads started */
     long epoch;    /* bumped for every task */
-    int pending;   /* workers still busy with the current task */
+    long pending;  /* workers still busy with the current task */
     task_fn fn;
     void *arg;
     Py_ssize_t n, chunk;
@@ -118,11 +119,47 @@ static void run_share(task_fn fn, void *arg, Py_ssize_t n, Py_ssize_t chunk, int
 
 static long born_epoch[MAX_THREADS]; /* the epoch a worker was started in: tasks after it are its */
 
+/*
+ * Waking a sleeping thread costs 50-150 us on a virtual machine, as much as a 4096x4096 4-bit
+ * GEMV takes. Decoding calls the kernels every few hundred microseconds, so a thread that has just
+ * finished polls for SPIN_NS before it sleeps on the condition variable (yielding the core to
+ * anything else runnable while it polls).
+ */
+static const long spin_ns = 2000000;
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* Poll until (*value != old) == changed, or until the spin budget is spent. */
+static void spin_on(const long *value, long old, int changed) {
+    long deadline = 0;
+    for (int i = 0;; i++) {
+        if ((__atomic_load_n(value, __ATOMIC_ACQUIRE) != old) == changed) return;
+        if ((i & 63) == 63) {
+            long t = now_ns();
+            if (!deadline) deadline = t + spin_ns;
+            else if (t > deadline) return;
+            sched_yield();
+        }
+#if HAVE_X86
+        _mm_pause();
+#endif
+    }
+}
+
 static void *worker(void *p) {
     int index = (int)(intptr_t)p;
     pthread_mutex_lock(&pool.mu);
     long seen = born_epoch[index];
     for (;;) {
+        if (pool.epoch == seen && spin_ns > 0) {
+            pthread_mutex_unlock(&pool.mu);
+            spin_on(&pool.epoch, seen, 1); /* until a new task */
+            pthread_mutex_lock(&pool.mu);
+        }
         while (pool.epoch == seen) pthread_cond_wait(&pool.start, &pool.mu);
         seen = pool.epoch;
         task_fn fn = pool.fn;
@@ -132,7 +169,7 @@ static void *worker(void *p) {
         pthread_mutex_unlock(&pool.mu);
         if (active) run_share(fn, arg, n, chunk, index);
         pthread_mutex_lock(&pool.mu);
-        if (active && --pool.pending == 0) pthread_cond_signal(&pool.done);
+        if (active && __atomic_sub_fetch(&pool.pending, 1, __ATOMIC_RELEASE) == 0) pthread_cond_signal(&pool.done);
     }
     return NULL;
 }
@@ -190,10 +227,11 @@ static void parallel_for(task_fn fn, void *arg, Py_ssize_t n, Py_ssize_t align) 
     pool.chunk = chunk;
     pool.size = used;
     pool.pending = used - 1;
-    pool.epoch++;
+    __atomic_store_n(&pool.epoch, pool.epoch + 1, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&pool.start);
     pthread_mutex_unlock(&pool.mu);
     run_share(fn, arg, n, chunk, 0);
+    if (spin_ns > 0) spin_on(&pool.pending, 0, 0); /* until no worker is busy */
     pthread_mutex_lock(&pool.mu);
     while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.mu);
     pool.size = threads;
@@ -315,11 +353,15 @@ AVX2_FN static inline void decode32_8(const uint8_t *w, __m256 q[4]) {
         q[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + 8 * i))));
 }
 
-/* BITS-bit weights, MB rows of x: each decoded weight vector is shared by the MB rows. */
-#define DEFINE_QMV(BITS, MB)                                                                     \
-    AVX2_FN static void qmv##BITS##_rows_##MB(const Problem *p, Py_ssize_t n0, Py_ssize_t n1,     \
-                                              Py_ssize_t m0) {                                    \
-        const Py_ssize_t K = p->K, groups = K / p->group, words = K * BITS / 32;                   \
+/*
+ * BITS-bit weights, MB rows of x, groups of GROUP: each decoded weight vector is shared by the MB
+ * rows. The group size is a compile-time constant so its loop unrolls: with a run-time trip count
+ * the same loop streamed weights about 1.4x slower.
+ */
+#define DEFINE_QMV(BITS, MB, GROUP)                                                              \
+    AVX2_FN static void qmv##BITS##_rows_##MB##_g##GROUP(const Problem *p, Py_ssize_t n0,         \
+                                                         Py_ssize_t n1, Py_ssize_t m0) {          \
+        const Py_ssize_t K = p->K, groups = K / GROUP, words = K * BITS / 32;                      \
         float s[4096], b[4096];                                                                   \
         for (Py_ssize_t n = n0; n < n1; n++) {                                                    \
             const uint8_t *w = (const uint8_t *)(p->w + n * words);                               \
@@ -334,7 +376,7 @@ AVX2_FN static inline void decode32_8(const uint8_t *w, __m256 q[4]) {
             for (Py_ssize_t g = 0; g < groups; g++) {                                             \
                 __m256 a0[MB], a1[MB], a2[MB], a3[MB];                                            \
                 for (int m = 0; m < MB; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm256_setzero_ps(); \
-                for (Py_ssize_t end = k + p->group; k < end; k += 32, w += 4 * BITS) {            \
+                for (int j = 0; j < GROUP; j += 32, k += 32, w += 4 * BITS) {                      \
                     __m256 q[4];                                                                  \
                     decode32_##BITS(w, q);                                                        \
                     for (int m = 0; m < MB; m++) {                                                \
@@ -361,21 +403,26 @@ AVX2_FN static inline void decode32_8(const uint8_t *w, __m256 q[4]) {
         }                                                                                         \
     }
 
-DEFINE_QMV(4, 1)
-DEFINE_QMV(4, 2)
-DEFINE_QMV(4, 3)
-DEFINE_QMV(4, 4)
-DEFINE_QMV(8, 1)
-DEFINE_QMV(8, 2)
-DEFINE_QMV(8, 3)
-DEFINE_QMV(8, 4)
+#define DEFINE_QMV_GROUPS(BITS, MB) DEFINE_QMV(BITS, MB, 32) DEFINE_QMV(BITS, MB, 64) DEFINE_QMV(BITS, MB, 128)
+DEFINE_QMV_GROUPS(4, 1)
+DEFINE_QMV_GROUPS(4, 2)
+DEFINE_QMV_GROUPS(4, 3)
+DEFINE_QMV_GROUPS(4, 4)
+DEFINE_QMV_GROUPS(8, 1)
+DEFINE_QMV_GROUPS(8, 2)
+DEFINE_QMV_GROUPS(8, 3)
+DEFINE_QMV_GROUPS(8, 4)
 
 typedef void (*rows_fn)(const Problem *, Py_ssize_t, Py_ssize_t, Py_ssize_t);
-static const rows_fn qmv4_kernels[5] = {NULL, qmv4_rows_1, qmv4_rows_2, qmv4_rows_3, qmv4_rows_4};
-static const rows_fn qmv8_kernels[5] = {NULL, qmv8_rows_1, qmv8_rows_2, qmv8_rows_3, qmv8_rows_4};
+#define QMV_ROW(BITS, G) {NULL, qmv##BITS##_rows_1_g##G, qmv##BITS##_rows_2_g##G, qmv##BITS##_rows_3_g##G, qmv##BITS##_rows_4_g##G}
+/* [bits 4/8][group 32/64/128][rows of x] */
+static const rows_fn qmv_kernels[2][3][5] = {
+    {QMV_ROW(4, 32), QMV_ROW(4, 64), QMV_ROW(4, 128)},
+    {QMV_ROW(8, 32), QMV_ROW(8, 64), QMV_ROW(8, 128)},
+};
 
 AVX2_FN static void qmv_rows_avx2(const Problem *p, Py_ssize_t n0, Py_ssize_t n1) {
-    const rows_fn *kernels = p->bits == 4 ? qmv4_kernels : qmv8_kernels;
+    const rows_fn *kernels = qmv_kernels[p->bits == 8][p->group == 32 ? 0 : p->group == 64 ? 1 : 2];
     /* row blocks keep the active slice of W in cache while up to 4 rows of x pass over it */
     const Py_ssize_t block = 16;
     for (Py_ssize_t r = n0; r < n1; r += block) {
@@ -1034,7 +1081,7 @@ static PyObject *py_swiglu(PyObject *self, PyObject *args) {
     }
     Swiglu a = {(const float *)bufs[0].view.buf, (const float *)bufs[1].view.buf, (float *)bufs[2].view.buf};
     Py_BEGIN_ALLOW_THREADS
-    parallel_for(swiglu_task, &a, n, 64);
+    parallel_for(swiglu_task, &a, n, 1 << 15); /* a decode step's row (< 32K values) on one thread */
     Py_END_ALLOW_THREADS
     release(bufs, 3);
     Py_RETURN_NONE;

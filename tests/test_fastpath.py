@@ -233,7 +233,7 @@ def test_swiglu_matches_float64_and_mlx_lm():
     from mlx_lm.models.activations import swiglu as mlx_swiglu
 
     rng = np.random.default_rng(9)
-    gate = rng.standard_normal((1, 40, 301)).astype(np.float32) * 4  # rows > SMALL_M, odd width
+    gate = rng.standard_normal((1, 40, 301)).astype(np.float32) * 4  # odd width
     gate[0, 0, :6] = [0.0, -0.0, 100.0, -100.0, 88.0, -90.0]
     x = rng.standard_normal((1, 40, 301)).astype(np.float32)
     ours = fastpath.swiglu(mx.array(gate), mx.array(x))
@@ -242,8 +242,8 @@ def test_swiglu_matches_float64_and_mlx_lm():
     assert ours.shape == gate.shape and ours.dtype == mx.float32
     assert np.allclose(np.asarray(ours), exact, rtol=1e-6, atol=1e-30)
     assert np.allclose(np.asarray(mlx_swiglu(mx.array(gate), mx.array(x))), exact, rtol=1e-6, atol=1e-30)
-    few = fastpath.swiglu(mx.array(gate[:, :3]), mx.array(x[:, :3]))  # decode sizes stay on MLX
-    assert np.allclose(np.asarray(few), exact[:, :3], rtol=1e-6, atol=1e-30)
+    few = fastpath.swiglu(mx.array(gate[:, :1]), mx.array(x[:, :1]))  # a decode step's single row
+    assert np.allclose(np.asarray(few), exact[:, :1], rtol=1e-6, atol=1e-30)
 
 
 def test_prefill_tiles_cover_every_row():
