@@ -122,7 +122,7 @@ static long born_epoch[MAX_THREADS]; /* the epoch a worker was started in: tasks
 /*
  * Waking a sleeping thread costs 50-150 us on a virtual machine, as much as a 4096x4096 4-bit
  * GEMV takes. Decoding calls the kernels every few hundred microseconds, so a thread that has just
- * finished polls for SPIN_NS before it sleeps on the condition variable (yielding the core to
+ * finished polls for spin_ns before it sleeps on the condition variable (yielding the core to
  * anything else runnable while it polls).
  */
 static const long spin_ns = 2000000;

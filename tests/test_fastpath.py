@@ -365,12 +365,40 @@ def test_load_enables_fast_path_and_logits_match(quantized_checkpoint, make_imag
     assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs))
 
 
-def test_decoding_with_cache_matches(quantized_checkpoint):
-    """Token by token (M = 1: the streaming kernel) through the KV cache."""
+@pytest.fixture(scope="session")
+def quantized_backbone(tiny_checkpoint, tmp_path_factory):
+    """Factory: the tiny checkpoint of a backbone converted to 4-bit MLX (built once each)."""
+    from convert.mlx import convert
+    from quantize.mlx import QuantConfig
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            out = tmp_path_factory.mktemp("fastpath") / f"{name}-4bit"
+            convert(tiny_checkpoint(name).path, out, dtype="float16",
+                    quantization=QuantConfig(bits=4, group_size=32), show_progress=False)
+            built[name] = out
+        return built[name]
+
+    return get
+
+
+# mistral_window: a 16-token rotating cache, which the 24 tokens below wrap around
+@pytest.mark.parametrize("backbone", ["mistral", "llama", "qwen2", "mistral_window"])
+def test_decoding_with_cache_matches(backbone, quantized_backbone, monkeypatch):
+    """Token by token through the KV cache: the numpy decode step of every block (M = 1: the
+    streaming kernel) against MLX's own layers."""
     from mlx_llava_next import load
 
-    model, _ = load(quantized_checkpoint[1])
-    ids = mx.array([[1, 5, 9, 200, 31, 7]])
+    model, _ = load(quantized_backbone(backbone))
+    blocks = model.language_model.model.layers
+    assert all(isinstance(b, fastpath.FastDecodeBlock) for b in blocks)
+    steps = []
+    decode_step = fastpath.FastDecodeBlock._decode_step
+    monkeypatch.setattr(fastpath.FastDecodeBlock, "_decode_step",
+                        lambda self, x, cache: steps.append(1) or decode_step(self, x, cache))
+    ids = mx.array(np.random.default_rng(4).integers(0, 200, (1, 24)))
 
     def run():
         cache = model.make_cache()
@@ -380,9 +408,14 @@ def test_decoding_with_cache_matches(quantized_checkpoint):
         return np.stack([np.asarray(v) for v in logits])
 
     ours = run()
+    assert len(steps) == 21 * len(blocks)  # every single-token step took the numpy path
+    block_class = type(blocks[0])
     fastpath.disable(model)
     try:
+        assert not any(isinstance(b, fastpath.FastDecodeBlock) for b in blocks)
+        assert type(blocks[0]) is block_class.__mro__[2]
         theirs = run()
     finally:
         fastpath.enable(model)
+    assert len(steps) == 21 * len(blocks)
     assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs))
