@@ -231,31 +231,66 @@ def swiglu(gate, x):
     return activations.swiglu(gate, x)
 
 
-HOOKS = {"scaled_dot_product_attention": scaled_dot_product_attention, "swiglu": swiglu}
+def vision_attention(queries, keys, values, scale: float, mask=None):
+    """`mx.fast.scaled_dot_product_attention` without a mask ([B, H, L, D], CLIP's attention) on
+    the prompt-attention kernel: batch and heads folded together, BLAS products, vector exp."""
+    if (
+        native is not None
+        and mask is None
+        and queries.ndim == 4
+        and keys.shape == values.shape == queries.shape
+        and queries.dtype == keys.dtype == values.dtype == mx.float32
+        and queries.size > 0
+        and mx.default_device() == mx.cpu
+        and sgemm_available()
+        and evaluated(queries, keys, values)
+    ):
+        B, H, L, D = queries.shape
+        q, k, v = (np.ascontiguousarray(np.asarray(a)).reshape(1, B * H, L, D) for a in (queries, keys, values))
+        out = np.empty_like(q)
+        native.attend_causal(q, k, v, out, float(scale), False)
+        return mx.array(out.reshape(B, H, L, D))
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
 
-def install_attention() -> None:
-    """Point mlx-lm's llama/qwen2 attention and SwiGLU at the functions above (idempotent)."""
-    import importlib
+def quick_gelu(x):
+    """`nn.gelu_fast_approx` (x * sigmoid(1.702 x), CLIP's activation) on the native kernel."""
+    if native is not None and x.dtype == mx.float32 and x.size > 0 and mx.default_device() == mx.cpu and evaluated(x):
+        xh = np.ascontiguousarray(np.asarray(x))
+        out = np.empty_like(xh)
+        native.quick_gelu(xh, out)
+        return mx.array(out)
+    return nn.gelu_fast_approx(x)
 
-    for name in HOOKED_MODULES:
-        module = importlib.import_module(name)
-        for attribute, hook in HOOKS.items():
-            if getattr(module, attribute, None) is not None:
-                setattr(module, attribute, hook)
 
-
-def uninstall_attention() -> None:
+def _hooks():
+    """(module, attribute, our function, the original) for each function the fast path replaces."""
     import importlib
 
     from mlx_lm.models import activations, base
 
-    originals = {"scaled_dot_product_attention": base.scaled_dot_product_attention, "swiglu": activations.swiglu}
+    from . import vision
+
     for name in HOOKED_MODULES:
         module = importlib.import_module(name)
-        for attribute, hook in HOOKS.items():
-            if getattr(module, attribute, None) is hook:
-                setattr(module, attribute, originals[attribute])
+        yield module, "scaled_dot_product_attention", scaled_dot_product_attention, base.scaled_dot_product_attention
+        yield module, "swiglu", swiglu, activations.swiglu
+    yield vision, "attention", vision_attention, mx.fast.scaled_dot_product_attention
+    yield vision, "quick_gelu", quick_gelu, nn.gelu_fast_approx
+
+
+def install_attention() -> None:
+    """Point mlx-lm's llama/qwen2 attention and SwiGLU, and the CLIP tower's attention and GELU,
+    at the functions above (idempotent)."""
+    for module, attribute, hook, _ in _hooks():
+        if getattr(module, attribute, None) is not None:
+            setattr(module, attribute, hook)
+
+
+def uninstall_attention() -> None:
+    for module, attribute, hook, original in _hooks():
+        if getattr(module, attribute, None) is hook:
+            setattr(module, attribute, original)
 
 
 # -- one decode step of a decoder block -----------------------------------------------------------

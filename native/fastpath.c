@@ -13,8 +13,9 @@
  *   dequantize: W -> float32 [N, K], bit for bit as mx.dequantize (scale * q, then + bias).
  *   attend:     decode attention (one query per head) over a KV cache: softmax(q K^T * scale) V,
  *               each key/value row read once for all query heads of its group (GQA).
- *   attend_causal: prefill attention (many queries, MLX's mask="causal") on the BLAS, with a
- *               vector exp for the softmax; swiglu: the MLP's gate * sigmoid(gate) * x.
+ *   attend_causal: prompt attention (many queries, MLX's mask="causal", or no mask for CLIP) on
+ *               the BLAS, with a vector exp for the softmax; swiglu: the MLP's gate * sigmoid(gate)
+ *               * x; quick_gelu: CLIP's x * sigmoid(1.702 x).
  *   stream_sum: sum of a float32 buffer on all threads (the benchmark's bandwidth probe).
  *
  * Work is split over output rows on a small pthread pool. The GIL is released while it runs.
@@ -105,13 +106,22 @@ static struct {
     long pending;  /* workers still busy with the current task */
     task_fn fn;
     void *arg;
-    Py_ssize_t n, chunk;
+    Py_ssize_t n, chunk; /* static split: thread i runs [i * chunk, (i + 1) * chunk) */
+    Py_ssize_t grain;    /* > 0: dynamic split, threads claim grain-sized ranges from `next` */
+    Py_ssize_t next;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0,
-          NULL, NULL, 0, 0};
+          NULL, NULL, 0, 0, 0, 0};
 
 static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER; /* one task at a time */
 
-static void run_share(task_fn fn, void *arg, Py_ssize_t n, Py_ssize_t chunk, int index) {
+static void run_share(task_fn fn, void *arg, Py_ssize_t n, Py_ssize_t chunk, Py_ssize_t grain, int index) {
+    if (grain > 0) {
+        for (;;) {
+            Py_ssize_t begin = __atomic_fetch_add(&pool.next, grain, __ATOMIC_RELAXED);
+            if (begin >= n) return;
+            fn(arg, begin, begin + grain < n ? begin + grain : n);
+        }
+    }
     Py_ssize_t begin = index * chunk, end = begin + chunk;
     if (end > n) end = n;
     if (begin < end) fn(arg, begin, end);
@@ -164,10 +174,10 @@ static void *worker(void *p) {
         seen = pool.epoch;
         task_fn fn = pool.fn;
         void *arg = pool.arg;
-        Py_ssize_t n = pool.n, chunk = pool.chunk;
+        Py_ssize_t n = pool.n, chunk = pool.chunk, grain = pool.grain;
         int active = index < pool.size;
         pthread_mutex_unlock(&pool.mu);
-        if (active) run_share(fn, arg, n, chunk, index);
+        if (active) run_share(fn, arg, n, chunk, grain, index);
         pthread_mutex_lock(&pool.mu);
         if (active && __atomic_sub_fetch(&pool.pending, 1, __ATOMIC_RELEASE) == 0) pthread_cond_signal(&pool.done);
     }
@@ -195,8 +205,12 @@ static int default_threads(void) {
     return (int)n;
 }
 
-/* Run fn over [0, n) on the pool; `align` keeps range boundaries on multiples (e.g. a tile). */
-static void parallel_for(task_fn fn, void *arg, Py_ssize_t n, Py_ssize_t align) {
+/*
+ * Run fn over [0, n) on the pool. grain = 0: one contiguous range per thread, boundaries on
+ * multiples of `align` (e.g. a tile). grain > 0: threads claim grain-sized ranges until none are
+ * left, so a thread the hypervisor or another process slows down does not hold up the others.
+ */
+static void parallel_for_grain(task_fn fn, void *arg, Py_ssize_t n, Py_ssize_t align, Py_ssize_t grain) {
     if (n <= 0) return;
     int threads = pool.size;
     Py_ssize_t chunk = (n + threads - 1) / threads;
@@ -225,18 +239,24 @@ static void parallel_for(task_fn fn, void *arg, Py_ssize_t n, Py_ssize_t align) 
     pool.arg = arg;
     pool.n = n;
     pool.chunk = chunk;
+    pool.grain = grain;
+    pool.next = 0;
     pool.size = used;
     pool.pending = used - 1;
     __atomic_store_n(&pool.epoch, pool.epoch + 1, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&pool.start);
     pthread_mutex_unlock(&pool.mu);
-    run_share(fn, arg, n, chunk, 0);
+    run_share(fn, arg, n, chunk, grain, 0);
     if (spin_ns > 0) spin_on(&pool.pending, 0, 0); /* until no worker is busy */
     pthread_mutex_lock(&pool.mu);
     while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.mu);
     pool.size = threads;
     pthread_mutex_unlock(&pool.mu);
     pthread_mutex_unlock(&call_mu);
+}
+
+static void parallel_for(task_fn fn, void *arg, Py_ssize_t n, Py_ssize_t align) {
+    parallel_for_grain(fn, arg, n, align, 0);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -646,7 +666,9 @@ static PyObject *py_qmv(PyObject *self, PyObject *args) {
     p.xsum = xs;
     p.out = (float *)bufs[4].view.buf;
     Py_BEGIN_ALLOW_THREADS
-    parallel_for(qmv_task, &p, p.N, 8);
+    /* about 8 claims a thread: small enough to even out, large enough to stream */
+    Py_ssize_t grain = (p.N / (8 * pool.size) + 7) / 8 * 8;
+    parallel_for_grain(qmv_task, &p, p.N, 8, grain < 8 ? 8 : grain);
     Py_END_ALLOW_THREADS
     free(xp);
     free(xs);
@@ -948,18 +970,22 @@ done:
 /* the SiLU of the MLP cost more than the attention's matrix products. These use a vector    */
 /* exp, and the attention's products go to the process's BLAS, a block of queries at a time. */
 
-static inline float swiglu1(float g, float x) { return g / (1.0f + expf(-g)) * x; }
+/* g * sigmoid(alpha * g) * x: SwiGLU with alpha = 1; CLIP's quick GELU with alpha = 1.702, no x */
+static inline float gated1(float g, float alpha, const float *x) {
+    float y = g / (1.0f + expf(-alpha * g));
+    return x ? y * *x : y;
+}
 
 #if HAVE_X86
-AVX2_FN static void swiglu_avx2(const float *g, const float *x, float *out, Py_ssize_t n) {
+AVX2_FN static void gated_avx2(const float *g, float alpha, const float *x, float *out, Py_ssize_t n) {
     Py_ssize_t i = 0;
-    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    const __m256 one = _mm256_set1_ps(1.0f), minus_alpha = _mm256_set1_ps(-alpha);
     for (; i + 8 <= n; i += 8) {
         __m256 gv = _mm256_loadu_ps(g + i);
-        __m256 denominator = _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, gv)));
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, denominator), _mm256_loadu_ps(x + i)));
+        __m256 y = _mm256_div_ps(gv, _mm256_add_ps(one, exp256(_mm256_mul_ps(minus_alpha, gv))));
+        _mm256_storeu_ps(out + i, x ? _mm256_mul_ps(y, _mm256_loadu_ps(x + i)) : y);
     }
-    for (; i < n; i++) out[i] = swiglu1(g[i], x[i]);
+    for (; i < n; i++) out[i] = gated1(g[i], alpha, x ? x + i : NULL);
 }
 #endif
 
@@ -977,33 +1003,37 @@ static void softmax_task(void *arg, Py_ssize_t r0, Py_ssize_t r1) {
 }
 
 typedef struct {
-    const float *g, *x;
+    const float *g, *x; /* x may be NULL */
+    float alpha;
     float *out;
-} Swiglu;
+} Gated;
 
-static void swiglu_task(void *arg, Py_ssize_t i0, Py_ssize_t i1) {
-    const Swiglu *a = (const Swiglu *)arg;
+static void gated_task(void *arg, Py_ssize_t i0, Py_ssize_t i1) {
+    const Gated *a = (const Gated *)arg;
+    const float *x = a->x ? a->x + i0 : NULL;
 #if HAVE_X86
     if (use_avx2) {
-        swiglu_avx2(a->g + i0, a->x + i0, a->out + i0, i1 - i0);
+        gated_avx2(a->g + i0, a->alpha, x, a->out + i0, i1 - i0);
         return;
     }
 #endif
-    for (Py_ssize_t i = i0; i < i1; i++) a->out[i] = swiglu1(a->g[i], a->x[i]);
+    for (Py_ssize_t i = i0; i < i1; i++) a->out[i] = gated1(a->g[i], a->alpha, x ? x + (i - i0) : NULL);
 }
 
 #define CAUSAL_BLOCK 256 /* queries per product: 256 x 3,000 keys of scores is 3 MB */
 
 /*
  * attend_causal(q [1, H, L, D] float32 C order, k, v [1, Hkv, S, D] float32 (rows contiguous),
- * out like q, scale): softmax(q K^T * scale + causal mask) V with query i seeing keys
- * [0, S - L + i], MLX's mask="causal". Per query head and block of queries: scores = one
- * sgemm over the keys the block can see, a masked softmax a row per thread, out = one sgemm.
+ * out like q, scale, causal=True): softmax(q K^T * scale + causal mask) V with query i seeing
+ * keys [0, S - L + i], MLX's mask="causal"; causal=False: every query sees every key (CLIP).
+ * Per query head and block of queries: scores = one sgemm over the keys the block can see, a
+ * masked softmax a row per thread, out = one sgemm.
  */
 static PyObject *py_attend_causal(PyObject *self, PyObject *args) {
     PyObject *qo, *ko, *vo, *oo;
     float scale;
-    if (!PyArg_ParseTuple(args, "OOOOf", &qo, &ko, &vo, &oo, &scale)) return NULL;
+    int causal = 1;
+    if (!PyArg_ParseTuple(args, "OOOOf|p", &qo, &ko, &vo, &oo, &scale, &causal)) return NULL;
     find_sgemm();
     if (!cblas_sgemm_ptr) {
         PyErr_SetString(PyExc_RuntimeError, "no cblas_sgemm in the process (load a BLAS globally first)");
@@ -1045,7 +1075,7 @@ static PyObject *py_attend_causal(PyObject *self, PyObject *args) {
         const float *vh = (const float *)((const char *)v.buf + (h / G) * v.strides[1]);
         for (Py_ssize_t i0 = 0; i0 < L; i0 += CAUSAL_BLOCK) {
             Py_ssize_t rows = L - i0 < CAUSAL_BLOCK ? L - i0 : CAUSAL_BLOCK;
-            SoftmaxRows sm = {scores, S - L + i0 + rows, S - L + i0 + 1};
+            SoftmaxRows sm = {scores, causal ? S - L + i0 + rows : S, causal ? S - L + i0 + 1 : S};
             /* CblasRowMajor=101, CblasNoTrans=111, CblasTrans=112 */
             cblas_sgemm_ptr(101, 111, 112, (int)rows, (int)sm.width, (int)D, scale, qb + (h * L + i0) * D, (int)D,
                             kh, (int)(k.strides[2] / 4), 0.0f, scores, (int)sm.width);
@@ -1066,25 +1096,38 @@ done:
     return result;
 }
 
-/* swiglu(gate, x, out): out = gate * sigmoid(gate) * x, float32 buffers of one length */
-static PyObject *py_swiglu(PyObject *self, PyObject *args) {
-    PyObject *go, *xo, *oo;
-    if (!PyArg_ParseTuple(args, "OOO", &go, &xo, &oo)) return NULL;
+/* out = g * sigmoid(alpha * g) [* x], float32 buffers of one length */
+static PyObject *gated(PyObject *go, PyObject *xo, PyObject *oo, float alpha) {
     Buf bufs[3];
     memset(bufs, 0, sizeof(bufs));
     if (PyObject_GetBuffer(go, &bufs[0].view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
     bufs[0].held = 1;
     Py_ssize_t n = bufs[0].view.len / 4;
-    if (get_buf(xo, &bufs[1], 0, n * 4, "x") < 0 || get_buf(oo, &bufs[2], 1, n * 4, "out") < 0) {
+    if ((xo && get_buf(xo, &bufs[1], 0, n * 4, "x") < 0) || get_buf(oo, &bufs[2], 1, n * 4, "out") < 0) {
         release(bufs, 3);
         return NULL;
     }
-    Swiglu a = {(const float *)bufs[0].view.buf, (const float *)bufs[1].view.buf, (float *)bufs[2].view.buf};
+    Gated a = {(const float *)bufs[0].view.buf, xo ? (const float *)bufs[1].view.buf : NULL, alpha,
+               (float *)bufs[2].view.buf};
     Py_BEGIN_ALLOW_THREADS
-    parallel_for(swiglu_task, &a, n, 1 << 15); /* a decode step's row (< 32K values) on one thread */
+    parallel_for(gated_task, &a, n, 1 << 15); /* a decode step's row (< 32K values) on one thread */
     Py_END_ALLOW_THREADS
     release(bufs, 3);
     Py_RETURN_NONE;
+}
+
+/* swiglu(gate, x, out): out = gate * sigmoid(gate) * x */
+static PyObject *py_swiglu(PyObject *self, PyObject *args) {
+    PyObject *go, *xo, *oo;
+    if (!PyArg_ParseTuple(args, "OOO", &go, &xo, &oo)) return NULL;
+    return gated(go, xo, oo, 1.0f);
+}
+
+/* quick_gelu(x, out): out = x * sigmoid(1.702 x), CLIP's activation (MLX's gelu_fast_approx) */
+static PyObject *py_quick_gelu(PyObject *self, PyObject *args) {
+    PyObject *xo, *oo;
+    if (!PyArg_ParseTuple(args, "OO", &xo, &oo)) return NULL;
+    return gated(xo, NULL, oo, 1.702f);
 }
 
 /* stream_sum(float32 buffer) -> sum, read on all threads */
@@ -1142,8 +1185,9 @@ static PyMethodDef methods[] = {
     {"qgemm", py_qgemm, METH_VARARGS, "x @ W^T for many rows: tile-wise dequantize + cblas_sgemm"},
     {"dequantize", py_dequantize, METH_VARARGS, "W (MLX affine) -> float32"},
     {"attend", py_attend, METH_VARARGS, "decode attention: softmax(q K^T * scale) V for one query a head"},
-    {"attend_causal", py_attend_causal, METH_VARARGS, "prefill attention: causal softmax(q K^T * scale) V"},
+    {"attend_causal", py_attend_causal, METH_VARARGS, "prompt attention: softmax(q K^T * scale [+ causal mask]) V"},
     {"swiglu", py_swiglu, METH_VARARGS, "gate * sigmoid(gate) * x"},
+    {"quick_gelu", py_quick_gelu, METH_VARARGS, "x * sigmoid(1.702 x)"},
     {"stream_sum", py_stream_sum, METH_VARARGS, "sum of a float32 buffer, read on all threads"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "threads to use (< 1: all CPUs)"},
     {"set_simd", py_set_simd, METH_VARARGS, "use AVX2 when available (True) or the scalar path"},

@@ -246,6 +246,42 @@ def test_swiglu_matches_float64_and_mlx_lm():
     assert np.allclose(np.asarray(few), exact[:, :1], rtol=1e-6, atol=1e-30)
 
 
+# CLIP: [tiles, heads, 577, 64] in the released tower; 300 queries cross the 256-query blocks
+@pytest.mark.parametrize("batch, heads, length, dim", [(5, 16, 577, 64), (2, 3, 300, 16), (1, 1, 1, 8)])
+def test_vision_attention_matches_float64_and_mlx(batch, heads, length, dim):
+    mx.random.seed(11)
+    # transposed views, as the tower passes them
+    q, k, v = (mx.random.normal((batch, length, heads, dim)).transpose(0, 2, 1, 3) * 3 for _ in range(3))
+    scale = dim ** -0.5
+    ours = fastpath.vision_attention(q, k, v, scale=scale)
+    exact = attention64(q, k, v, scale)
+    theirs = np.asarray(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))
+    assert ours.shape == q.shape and ours.dtype == mx.float32
+    assert np.max(np.abs(np.asarray(ours) - exact)) < 1e-5 * np.max(np.abs(exact))
+    assert np.max(np.abs(np.asarray(ours) - theirs)) < 1e-5 * np.max(np.abs(exact))
+
+
+def test_vision_attention_hands_other_cases_to_mlx():
+    q = mx.random.normal((1, 2, 5, 8))
+    mask = mx.zeros((5, 5))
+    for args in ((q.astype(mx.float16),) * 3, (q, q[:, :, :3], q[:, :, :3])):
+        ours = fastpath.vision_attention(*args, scale=0.5)
+        assert np.array_equal(np.asarray(ours), np.asarray(mx.fast.scaled_dot_product_attention(*args, scale=0.5)))
+    ours = fastpath.vision_attention(q, q, q, scale=0.5, mask=mask)
+    assert np.array_equal(np.asarray(ours), np.asarray(mx.fast.scaled_dot_product_attention(q, q, q, scale=0.5, mask=mask)))
+
+
+def test_quick_gelu_matches_float64_and_mlx():
+    x = np.random.default_rng(12).standard_normal((3, 7, 301)).astype(np.float32) * 4  # odd width
+    x[0, 0, :6] = [0.0, -0.0, 100.0, -100.0, 60.0, -60.0]
+    x64 = x.astype(np.float64)
+    exact = x64 / (1 + np.exp(-1.702 * x64))
+    ours = fastpath.quick_gelu(mx.array(x))
+    assert ours.shape == x.shape and ours.dtype == mx.float32
+    assert np.allclose(np.asarray(ours), exact, rtol=2e-6, atol=1e-30)
+    assert np.allclose(np.asarray(nn.gelu_fast_approx(mx.array(x))), exact, rtol=2e-6, atol=1e-30)
+
+
 def test_prefill_tiles_cover_every_row():
     w, s, b = quantized(1000, 384, 64, 4)  # 1000 rows: 3 full 256-row tiles and a partial one
     W = exact_weight(w, s, b, 64, 4)
@@ -264,11 +300,15 @@ def test_enable_routes_mlx_lm_attention_and_disable_restores():
     fastpath.enable(model)
     from mlx_lm.models import activations, qwen2
 
+    from mlx_llava_next import vision
+
     assert llama.scaled_dot_product_attention is fastpath.scaled_dot_product_attention
     assert llama.swiglu is qwen2.swiglu is fastpath.swiglu
+    assert vision.attention is fastpath.vision_attention and vision.quick_gelu is fastpath.quick_gelu
     fastpath.disable(model)
     assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention
     assert llama.swiglu is qwen2.swiglu is activations.swiglu
+    assert vision.attention is mx.fast.scaled_dot_product_attention and vision.quick_gelu is nn.gelu_fast_approx
     fastpath.enable(model)  # leave it as load() would
 
 
