@@ -9,7 +9,7 @@ native kernels in `native/fastpath.c` (built at install time, see setup.py):
   call on all cores, at close to memory bandwidth;
 - many rows (prefill): tiles of the weights dequantized to float32 and multiplied by the
   process's BLAS (`cblas_sgemm`, OpenBLAS via blas.py), so a layer's float32 copy never
-  exceeds one tile of about 8 MB.
+  exceeds one tile of about 32 MB.
 
 Decoding also reads the whole KV cache once a token, and MLX's CPU attention for one query
 runs unfused at a tenth of memory speed (2,900 cached tokens: 30 ms a layer). `enable` also
@@ -19,7 +19,15 @@ A prompt chunk is held up by something else: MLX's CPU `exp` is scalar on x86, s
 2,048-token chunk the attention's softmax (3.6 s a layer) and the MLP's SiLU (0.9 s) cost more
 than the attention's products. Causal chunks (mask="causal") and mlx-lm's `swiglu` go to
 native kernels with a vector exp, the products to the BLAS. Everything else (masks as arrays:
-left-padded batches, sliding windows) goes to mlx-lm's functions unchanged.
+left-padded batches, sliding windows) goes to mlx-lm's functions unchanged. The CLIP tower's
+attention (no mask) and quick GELU (`vision.attention`, `vision.quick_gelu`) get the same
+treatment.
+
+A decode step pays for something else again: every eager kernel call needs its input
+evaluated, and each MLX evaluation hands work to MLX's stream thread and back (250-450 us on a
+virtual machine, whose cross-core wake-ups are slow). Computed module by module, a llama block
+needs four a token; `FastDecodeBlock` runs the single-token step of a block whose projections
+all swapped in numpy around the kernels, leaving one (rope and the KV cache update) to MLX.
 
 All of these are eager: the input is evaluated and the result comes back as a new array (the
 host views of evaluated MLX arrays are zero-copy). The language-model head stays lazy for many rows
