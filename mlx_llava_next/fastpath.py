@@ -149,7 +149,7 @@ class FastQuantizedLinear(nn.QuantizedLinear):
         return cached
 
     def product(self, x: np.ndarray) -> np.ndarray:
-        """x [M, K] float32 (numpy) -> x @ W^T + bias [M, N] (numpy), for the decode block below."""
+        """x [M, K] float32 (numpy) -> x @ W^T + bias [M, N] (numpy) on the native kernels."""
         y = quantized_matmul(x, self._host_weights(), self["weight"].shape[0], self.bits, self.group_size)
         if "bias" in self:
             y += _float32(self, "bias")
@@ -164,16 +164,11 @@ class FastQuantizedLinear(nn.QuantizedLinear):
             # float32 weights whatever the scales' dtype: half-precision weights would round the product
             scales, biases = self["scales"].astype(mx.float32), self["biases"].astype(mx.float32)
             y = x @ mx.dequantize(self["weight"], scales, biases, self.group_size, self.bits).T
-        else:
-            if not evaluated(x):
-                return super().__call__(x)
-            xh = np.ascontiguousarray(np.asarray(x).reshape(M, K))
-            N = self["weight"].shape[0]
-            y = mx.array(quantized_matmul(xh, self._host_weights(), N, self.bits, self.group_size))
-            y = y.reshape(*x.shape[:-1], N)
-        if "bias" in self:
-            y = y + self["bias"]
-        return y
+            return y + self["bias"] if "bias" in self else y
+        if not evaluated(x):
+            return super().__call__(x)
+        y = mx.array(self.product(np.ascontiguousarray(np.asarray(x).reshape(M, K))))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 # -- attention and SwiGLU ----------------------------------------------------------------------
@@ -219,24 +214,31 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
     return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
 
+def _elementwise(kernel: str, *arrays):
+    """native.<kernel>(*inputs, out) over float32 CPU arrays of one shape, as a new array; None
+    where it does not apply (no native module, other dtypes or devices, inside mx.compile)."""
+    first = arrays[0]
+    if (
+        native is None
+        or first.size == 0
+        or any(a.shape != first.shape or a.dtype != mx.float32 for a in arrays)
+        or mx.default_device() != mx.cpu
+        or not evaluated(*arrays)
+    ):
+        return None
+    inputs = [np.ascontiguousarray(np.asarray(a)) for a in arrays]
+    out = np.empty_like(inputs[0])
+    getattr(native, kernel)(*inputs, out)
+    return mx.array(out)
+
+
 def swiglu(gate, x):
     """mlx-lm's `swiglu` (silu(gate) * x) in float32 on the native kernel: MLX's scalar exp makes
     it 0.9 s a layer in a prompt chunk, and 0.6 ms a decode step (a third of a step's non-GEMV time)."""
     from mlx_lm.models import activations
 
-    if (
-        native is not None
-        and gate.size > 0
-        and gate.shape == x.shape
-        and gate.dtype == x.dtype == mx.float32
-        and mx.default_device() == mx.cpu
-        and evaluated(gate, x)
-    ):
-        g, u = np.ascontiguousarray(np.asarray(gate)), np.ascontiguousarray(np.asarray(x))
-        out = np.empty_like(g)
-        native.swiglu(g, u, out)
-        return mx.array(out)
-    return activations.swiglu(gate, x)
+    out = _elementwise("swiglu", gate, x)
+    return activations.swiglu(gate, x) if out is None else out
 
 
 def vision_attention(queries, keys, values, scale: float, mask=None):
@@ -263,12 +265,8 @@ def vision_attention(queries, keys, values, scale: float, mask=None):
 
 def quick_gelu(x):
     """`nn.gelu_fast_approx` (x * sigmoid(1.702 x), CLIP's activation) on the native kernel."""
-    if native is not None and x.dtype == mx.float32 and x.size > 0 and mx.default_device() == mx.cpu and evaluated(x):
-        xh = np.ascontiguousarray(np.asarray(x))
-        out = np.empty_like(xh)
-        native.quick_gelu(xh, out)
-        return mx.array(out)
-    return nn.gelu_fast_approx(x)
+    out = _elementwise("quick_gelu", x)
+    return nn.gelu_fast_approx(x) if out is None else out
 
 
 def _hooks():
