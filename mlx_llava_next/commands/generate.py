@@ -72,6 +72,22 @@ def load_model(name: str):
     return load(resolve_path(name))
 
 
+def line_reader(name: str):
+    """Line-reader settings of a local model that reads one text line at a time (the demo model;
+    see lines.py), else None: such a model gets its images cut into lines and read line by line."""
+    from ..lines import reader_settings
+
+    local = Path(resolve_model_arg(name))
+    return reader_settings(local) if local.exists() else None
+
+
+def read_lines(m, processor, reader, images) -> str:
+    """A line reader's transcription of images (blank line between images)."""
+    from ..lines import model_reader, read_block
+
+    return "\n\n".join(read_block(img, reader, model_reader(m, processor)) for img in images)
+
+
 def stats_line(r) -> str:
     cached = f" + {r.cached_tokens} cached" if r.cached_tokens else ""
     return (
@@ -134,6 +150,11 @@ def generate_command(
     with user_errors():
         images = [_checked_image(p) for p in image or []]
         m, processor = load_model(model)
+        reader = line_reader(model) if images else None
+        if reader is not None:  # a line reader transcribes; the prompt is not used
+            text = read_lines(m, processor, reader, images)
+            print(json.dumps({"text": text, "finish_reason": "stop"}) if as_json else text)
+            return
         text, tokens, last = [], [], None
         for last in stream_generate(m, processor, prompt, images, raw=True if raw else None, system=system, **opts):
             text.append(last.text)
@@ -190,6 +211,7 @@ def chat_command(
         if interactive:
             typer.echo(f"loading {model} ...", err=True)
         m, processor = load_model(model)
+        reader = line_reader(model)
         if resume is not None:
             session = ChatSession.load(resume, m, processor, **opts)
         else:
@@ -209,7 +231,10 @@ def chat_command(
             if _chat_command(line, session, pending) == "exit":
                 break
             continue
-        _answer(session, line, pending, verbose)
+        if pending and reader is not None:  # a line reader transcribes each image; the question is not used
+            print(read_lines(m, processor, reader, [img for _, img in pending]), flush=True)
+        else:
+            _answer(session, line, pending, verbose)
         pending.clear()
 
 
@@ -325,17 +350,21 @@ def ocr_command(
     if jobs:
         with user_errors():
             m, processor = load_model(model)
+            reader = line_reader(model)
         instruction = prompt or OCR_PROMPTS.get(family(m.config, processor.hf_tokenizer), OCR_PROMPTS["default"])
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
         for f, target in progress(jobs, total=len(jobs), description="OCR"):
             try:
-                result = generate(m, processor, instruction, images=[f], max_tokens=max_tokens)
+                if reader is not None:
+                    text = read_lines(m, processor, reader, [_checked_image(f)])
+                else:
+                    text = generate(m, processor, instruction, images=[f], max_tokens=max_tokens).text
             except LlavaNextError as e:
                 message = _one_line(e)
                 errors.append(message if message.startswith(str(f)) else f"{f}: {message}")
                 continue
-            _write_atomic(target, result.text.strip() + "\n")
+            _write_atomic(target, text.strip() + "\n")
             written += 1
     for message in errors:
         typer.echo(f"error: {message}", err=True)

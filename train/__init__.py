@@ -1,0 +1,1 @@
+"""Training, export and evaluation of the embedded demo model (models/demo); never imported by the runtime."""
