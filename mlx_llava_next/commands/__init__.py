@@ -2,7 +2,7 @@
 
 import importlib
 
-MODULES = ["generate", "convert", "parity", "bench"]
+MODULES = ["generate", "convert", "parity", "bench", "serve"]
 
 
 def register_all(app) -> None:

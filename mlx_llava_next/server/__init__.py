@@ -1,0 +1,1 @@
+"""`cli.py serve`: an OpenAI-compatible chat-completions server with a browser chat page."""

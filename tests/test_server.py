@@ -1,0 +1,487 @@
+"""`cli.py serve`: the OpenAI-compatible server on a tiny checkpoint, driven by the real `openai`
+client (answers equal `cli.py generate`'s, token for token), under load (16 concurrent streams,
+disconnects), with every bad-request class, and its chat page in a headless Chromium."""
+
+import base64
+import http.client
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import random_image
+from mlx_llava_next import generate, load, stream_generate
+from mlx_llava_next.commands.serve import serve_command, start_server
+
+openai = pytest.importorskip("openai", reason="the server tests need the `openai` client (pip install -e '.[test]')")
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTION = "What is shown?"
+MAX_TOKENS = 12
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+class Running:
+    """A server on a free port of 127.0.0.1, serving from a thread of this process."""
+
+    def __init__(self, model, processor, **options):
+        self.server = start_server(model, processor, "tiny-llava", port=0, **options)
+        self.engine = self.server.engine
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def client(self, api_key="none"):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def ck(tiny_checkpoint):
+    return tiny_checkpoint("mistral")
+
+
+@pytest.fixture(scope="module")
+def served_model(ck):
+    """The server's own copy of the model (the tests' oracle uses ck.load())."""
+    return load(ck.path)
+
+
+@pytest.fixture(scope="module")
+def server(served_model):
+    running = Running(*served_model, max_queue=32)
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    (root / "inside").mkdir()
+    random_image(70, 100, seed=5).save(root / "inside" / "ok.png")
+    outside = tmp_path_factory.mktemp("elsewhere") / "secret.png"
+    random_image(70, 100, seed=6).save(outside)
+    (root / "inside" / "link.png").symlink_to(outside)
+    return root / "inside", outside
+
+
+@pytest.fixture(scope="module")
+def strict(served_model, media):
+    """A locked-down server: API key, media dir, a queue of one, small body and fetch limits."""
+    running = Running(*served_model, api_key="sekrit", media_dir=media[0], max_queue=1, max_body_mb=1,
+                      fetch_timeout=1.0)
+    yield running
+    running.close()
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(image, fmt="PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def user(text, *urls):
+    return {"role": "user", "content": [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": u}} for u in urls]}
+
+
+def hf_prompt_tokens(ck, messages, images) -> int:
+    """Prompt length by transformers' own processor and the checkpoint's template (the oracle)."""
+    def parts(content):
+        if isinstance(content, str):
+            return [{"type": "text", "text": content}]
+        return [{"type": "image"} if p["type"] == "image_url" else p for p in content]
+
+    hf_messages = [{"role": m["role"], "content": parts(m["content"])} for m in messages]
+    text = ck.hf_processor.apply_chat_template(hf_messages, add_generation_prompt=True)
+    return ck.hf_processor(text=text, images=images or None, return_tensors="np")["input_ids"].shape[1]
+
+
+def count_encodes(model, monkeypatch):
+    calls = []
+    encode = model.encode_images
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(model, "encode_images", counting)
+    return calls
+
+
+# -- 1. the openai client: answers equal `cli.py generate`'s ------------------------------
+
+
+def test_openai_client_answers_equal_cli_generate_and_follow_up_is_cached(ck, server, tmp_path, monkeypatch):
+    image = random_image(90, 150, seed=1)
+    path = tmp_path / "img.png"
+    image.save(path)
+    proc = subprocess.run([sys.executable, "cli.py", "generate", "--model", str(ck.path), "--image", str(path),
+                           "--prompt", QUESTION, "--max-tokens", str(MAX_TOKENS), "--json"],
+                          cwd=REPO, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    cli = json.loads(proc.stdout)
+    expected_finish = "stop" if cli["tokens"][-1] == ck.hf_processor.tokenizer.eos_token_id else "length"
+    client = server.client()
+    messages = [user(QUESTION, "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode())]
+    n_prompt = hf_prompt_tokens(ck, messages, [image])
+
+    reply = client.chat.completions.create(model="tiny-llava", messages=messages, temperature=0, max_tokens=MAX_TOKENS)
+    assert reply.choices[0].message.content == cli["text"]
+    assert reply.choices[0].finish_reason == expected_finish == cli["finish_reason"]
+    assert reply.usage.completion_tokens == len(cli["tokens"])
+    assert reply.usage.prompt_tokens == n_prompt
+    assert reply.usage.total_tokens == n_prompt + len(cli["tokens"])
+    assert reply.id.startswith("chatcmpl-") and reply.model == "tiny-llava" and reply.object == "chat.completion"
+
+    # Streaming: one chunk per token that completes text, exactly as our stream_generate yields them.
+    model, processor = ck.load()
+    expected_deltas = [r.text for r in stream_generate(model, processor, QUESTION, [image], max_tokens=MAX_TOKENS) if r.text]
+    assert "".join(expected_deltas) == cli["text"]
+    stream = client.chat.completions.create(model="tiny-llava", messages=messages, temperature=0, max_tokens=MAX_TOKENS,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert deltas == expected_deltas
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [expected_finish]
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage.prompt_tokens == n_prompt and usage.completion_tokens == len(cli["tokens"])
+    assert len({c.id for c in chunks}) == 1
+
+    # Follow-up turn: the earlier conversation is served from the prefix cache, no vision tower run.
+    encodes = count_encodes(server.engine.model, monkeypatch)
+    follow = messages + [{"role": "assistant", "content": cli["text"]}, user("And what colour is it?")]
+    reply2 = client.chat.completions.create(model="tiny-llava", messages=follow, temperature=0, max_tokens=MAX_TOKENS)
+    assert encodes == []
+    n_follow = hf_prompt_tokens(ck, follow, [image])
+    cached = reply2.usage.prompt_tokens_details.cached_tokens
+    assert reply2.usage.prompt_tokens == n_follow
+    assert n_prompt <= cached < n_follow
+    # ... and the cache changes nothing: a fresh generation over the whole conversation agrees.
+    hf_follow = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+                 {"role": "assistant", "content": cli["text"]}, {"role": "user", "content": "And what colour is it?"}]
+    fresh = generate(model, processor, hf_follow, [image], max_tokens=MAX_TOKENS)
+    assert reply2.choices[0].message.content == fresh.text
+    assert reply2.usage.completion_tokens == fresh.generation_tokens
+
+
+def test_models_and_health(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["tiny-llava"]
+    status, _, body = request(server, "GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+
+
+# -- 2. load: concurrent streams, disconnects ----------------------------------------------
+
+
+def test_16_concurrent_streams_each_get_their_solo_answer(ck, server):
+    model, processor = ck.load()
+    jobs = []
+    for i in range(16):
+        image = random_image(60 + 7 * i, 140 - 5 * i, seed=100 + i)
+        question = f"Question {i}: what is in picture number {i}?"
+        solo = generate(model, processor, question, [image], max_tokens=8).text
+        jobs.append((question, image, solo))
+    client = server.client()
+    results, errors = [None] * 16, []
+    barrier = threading.Barrier(16)
+
+    def ask(i):
+        question, image, _ = jobs[i]
+        try:
+            barrier.wait()
+            stream = client.chat.completions.create(model="x", messages=[user(question, data_uri(image))],
+                                                    temperature=0, max_tokens=8, stream=True)
+            results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert results == [solo for _, _, solo in jobs]
+    assert len(set(results)) > 1  # the prompts really differ in their answers
+
+
+def test_disconnect_mid_stream_frees_the_model(server):
+    messages = [user("Tell me a very long story.", data_uri(random_image(80, 80, seed=9)))]
+    body = json.dumps({"messages": messages, "stream": True, "max_tokens": 100000, "temperature": 0}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    reader = sock.makefile("rb")
+    assert reader.readline().startswith(b"HTTP/1.0 200")
+    events = 0
+    while events < 6:  # a few tokens: the long generation is running
+        events += reader.readline().startswith(b"data: ")
+    long_job = server.engine.busy
+    assert long_job is not None and long_job.outcome is None
+    reader.close()
+    sock.close()  # the client goes away mid-stream
+
+    started = time.perf_counter()
+    stream = server.client().chat.completions.create(model="x", messages=[user("Hi")], max_tokens=2, stream=True)
+    first = next(iter(stream))
+    waited = time.perf_counter() - started
+    list(stream)
+    assert first.choices[0].delta.role == "assistant"
+    print(f"next request waited {waited:.3f} s; the cancelled one had generated {long_job.generated} tokens")
+    assert waited < 1.0, f"the next request waited {waited:.2f} s"
+    assert long_job.outcome == "cancelled" and long_job.generated < 1000
+
+
+# -- 3. bad requests -----------------------------------------------------------------------
+
+
+def request(running, method, path, body=None, headers=None, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    text = response.read()
+    conn.close()
+    return response.status, dict(response.getheaders()), json.loads(text) if text else None
+
+
+def bomb_png() -> bytes:
+    """A PNG header claiming 60000x60000 pixels (3.6 gigapixels) over a few bytes of data."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def b64(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+GOOD_IMAGE = random_image(60, 80, seed=3)
+BAD_REQUESTS = {
+    # name: (json body or raw bytes, expected status, expected param or None)
+    "bad json": (b"{not json", 400, None),
+    "not an object": (b"[1, 2]", 400, None),
+    "no messages": ({"model": "x"}, 400, "messages"),
+    "bad role": ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    "bad temperature": ({"messages": [user("hi")], "temperature": "hot"}, 400, "temperature"),
+    "max_tokens 0": ({"messages": [user("hi")], "max_tokens": 0}, 400, "max_tokens"),
+    "n > 1": ({"messages": [user("hi")], "n": 2}, 400, "n"),
+    "tools": ({"messages": [user("hi")], "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    "bad part": ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages[0].content[0]"),
+    "undecodable image": ({"messages": [user("hi", b64(b"this is not a picture"))]}, 400, "messages[0].content[1].image_url"),
+    "bad base64": ({"messages": [user("hi", "data:image/png;base64,@@@")]}, 400, "messages[0].content[1].image_url"),
+    "bomb image": ({"messages": [user("hi", b64(bomb_png()))]}, 400, "messages[0].content[1].image_url"),
+    "marker mismatch": ({"messages": [user("compare <image> with this", data_uri(GOOD_IMAGE))]}, 400, "messages"),
+    "prompt too long": ({"messages": [user("word " * 5000)]}, 400, "messages"),
+    "unknown scheme": ({"messages": [user("hi", "ftp://example.com/a.png")]}, 400, "messages[0].content[1].image_url"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_request_gets_openai_error_and_server_stays_up(server, name):
+    body, status, param = BAD_REQUESTS[name]
+    raw = body if isinstance(body, bytes) else None
+    got, _, error = request(server, "POST", "/v1/chat/completions", body=None if raw else body, raw=raw)
+    assert got == status
+    assert set(error) == {"error"} and set(error["error"]) == {"message", "type", "param", "code"}
+    assert error["error"]["type"] == "invalid_request_error" and error["error"]["message"]
+    assert error["error"]["param"] == param
+    assert request(server, "GET", "/health")[0] == 200
+
+
+def test_routes_auth_body_size_and_content_type(strict):
+    key = {"Authorization": "Bearer sekrit"}
+    checks = [
+        (request(strict, "GET", "/nope"), 404, "not_found"),
+        (request(strict, "POST", "/v1/completions", {"prompt": "x"}, key), 404, "not_found"),
+        (request(strict, "POST", "/v1/chat/completions", {"messages": [user("hi")]}), 401, "invalid_api_key"),
+        (request(strict, "POST", "/v1/chat/completions", {"messages": [user("hi")]}, {"Authorization": "Bearer wrong"}), 401, "invalid_api_key"),
+        (request(strict, "GET", "/v1/models"), 401, "invalid_api_key"),
+        (request(strict, "POST", "/v1/chat/completions", raw=b"{}", headers={**key, "Content-Type": "text/plain"}), 415, "unsupported_media_type"),
+    ]
+    for (status, _, body), expected, code in checks:
+        assert status == expected and body["error"]["code"] == code, body
+        assert request(strict, "GET", "/health")[0] == 200
+    with pytest.raises(openai.AuthenticationError):
+        strict.client("wrong").chat.completions.create(model="x", messages=[user("hi")])
+    assert strict.client("sekrit").chat.completions.create(model="x", messages=[user("hi")], max_tokens=2).usage.completion_tokens >= 1
+
+    # 413: the server answers from the headers alone, without reading the 5 MB body.
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekrit\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n{")
+        reply = sock.makefile("rb").read()
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 413") and json.loads(payload)["error"]["code"] == "request_too_large"
+    assert request(strict, "GET", "/health")[0] == 200
+
+
+def test_default_bind_is_localhost(served_model):
+    import inspect
+
+    assert inspect.signature(start_server).parameters["host"].default == "127.0.0.1"
+    assert inspect.signature(serve_command).parameters["host"].default.default == "127.0.0.1"
+    running = Running(*served_model)
+    try:
+        assert running.server.server_address[0] == "127.0.0.1"
+    finally:
+        running.close()
+
+
+def test_file_urls_only_below_media_dir(ck, strict, server, media):
+    inside, outside = media
+    key = {"Authorization": "Bearer sekrit"}
+    ok = {"messages": [user("hi", (inside / "ok.png").as_uri())], "max_tokens": 3}
+    status, _, body = request(strict, "POST", "/v1/chat/completions", ok, key)
+    assert status == 200, body
+    model, processor = ck.load()
+    assert body["choices"][0]["message"]["content"] == generate(model, processor, "hi", [inside / "ok.png"], max_tokens=3).text
+    for url in [outside.as_uri(), (inside / "link.png").as_uri(), (inside / ".." / ".." / outside.parent.name / "secret.png").as_uri(),
+                "file:///etc/passwd"]:
+        status, _, body = request(strict, "POST", "/v1/chat/completions", {"messages": [user("hi", url)]}, key)
+        assert status == 400 and body["error"]["code"] == "image_url_refused", (url, body)
+        assert request(strict, "GET", "/health")[0] == 200
+    # Without --media-dir every file:// URL is refused.
+    status, _, body = request(server, "POST", "/v1/chat/completions", ok)
+    assert status == 400 and "--media-dir" in body["error"]["message"]
+
+
+class _Images(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_http_image_urls_fetched_with_limits(ck, strict, tmp_path):
+    random_image(64, 96, seed=7).save(tmp_path / "pic.png")
+    (tmp_path / "big.png").write_bytes(b"\0" * (21 << 20))
+    files = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _Images(*a, directory=str(tmp_path)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(1)  # accepts the connection, never answers
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    key = {"Authorization": "Bearer sekrit"}
+    base = f"http://127.0.0.1:{files.server_port}"
+    try:
+        body = {"messages": [user("hi", f"{base}/pic.png")], "max_tokens": 3}
+        status, _, reply = request(strict, "POST", "/v1/chat/completions", body, key)
+        assert status == 200, reply
+        model, processor = ck.load()
+        assert reply["choices"][0]["message"]["content"] == generate(model, processor, "hi", [tmp_path / "pic.png"], max_tokens=3).text
+        for url, needle in [(f"{base}/missing.png", "HTTP 404"), (f"{base}/big.png", "byte limit"),
+                            (f"http://127.0.0.1:{closed_port}/x.png", "fetching the image failed"),
+                            (f"http://127.0.0.1:{stalled.getsockname()[1]}/x.png", "fetching the image failed")]:
+            started = time.perf_counter()
+            status, _, reply = request(strict, "POST", "/v1/chat/completions", {"messages": [user("hi", url)]}, key)
+            assert status == 400 and needle in reply["error"]["message"], (url, reply)
+            assert time.perf_counter() - started < 5  # fetch timeout is 1 s here: never a hang
+            assert request(strict, "GET", "/health")[0] == 200
+    finally:
+        files.shutdown()
+        stalled.close()
+
+
+def test_full_queue_gets_429_with_retry_after(strict):
+    key = {"Authorization": "Bearer sekrit"}
+    long = json.dumps({"messages": [user("Tell a long story")], "stream": True, "max_tokens": 100000})
+    conns = []
+    try:
+        for _ in range(2):  # one runs, one waits (--max-queue 1)
+            conn = http.client.HTTPConnection("127.0.0.1", strict.port, timeout=30)
+            conn.request("POST", "/v1/chat/completions", long, {"Content-Type": "application/json", **key})
+            conns.append(conn)
+            deadline = time.time() + 10
+            while not (strict.engine.busy and (len(conns) == 1 or strict.engine.queued() == 1)) and time.time() < deadline:
+                time.sleep(0.01)
+        status, headers, body = request(strict, "POST", "/v1/chat/completions", {"messages": [user("hi")]}, key)
+        assert status == 429 and headers.get("Retry-After") == "1" and body["error"]["code"] == "queue_full"
+        assert request(strict, "GET", "/health")[0] == 200
+    finally:
+        for conn in conns:
+            conn.close()
+    deadline = time.time() + 5
+    while (strict.engine.busy or strict.engine.queued()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert strict.engine.busy is None and strict.engine.queued() == 0  # both were cancelled by the disconnects
+
+
+# -- 4. the chat page in a real browser ----------------------------------------------------
+
+
+def _browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("the browser test needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium (pip install -e '.[test]')")
+    return chromium, driver, webdriver
+
+
+def test_chat_page_in_headless_chromium(ck, server, tmp_path):
+    chromium, driver_path, webdriver = _browser()
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,800"]:
+        options.add_argument(flag)
+    scan = REPO / "examples" / "scan.png"
+    question = "What does this scan say?"
+    model, processor = ck.load()
+    expected = generate(model, processor, question, [scan], max_tokens=MAX_TOKENS).text
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        browser.get(server.url + "/")
+        assert "mlx-llava-next" in browser.title
+        browser.find_element(By.ID, "file").send_keys(str(scan))
+        WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#preview img"))
+        field = browser.find_element(By.ID, "max-tokens")
+        field.clear()
+        field.send_keys(str(MAX_TOKENS))
+        browser.find_element(By.ID, "prompt").send_keys(question)
+        browser.find_element(By.ID, "send").click()
+        WebDriverWait(browser, 30).until(
+            lambda b: b.find_elements(By.CSS_SELECTOR, ".stats") and b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        answer = browser.execute_script("return document.querySelector('.msg.assistant .text').textContent")
+        assert answer == expected
+        assert browser.find_element(By.CSS_SELECTOR, ".msg.user img").get_attribute("src").startswith("data:image/png;base64,")
+        stats = browser.find_element(By.CSS_SELECTOR, ".stats").text
+        shot = tmp_path / "chat.png"
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 1000
+        print(f"screenshot: {shot}; stats: {stats}")
+    finally:
+        browser.quit()
