@@ -187,6 +187,19 @@ def test_openai_client_answers_equal_cli_generate_and_follow_up_is_cached(ck, se
     assert reply2.choices[0].message.content == fresh.text
     assert reply2.usage.completion_tokens == fresh.generation_tokens
 
+    # A new conversation (another system prompt: no shared prefix) with the same image: its
+    # features come from the image cache, the vision tower still does not run.
+    system = [{"role": "system", "content": "You describe pictures."}] + messages
+    reply3 = client.chat.completions.create(model="tiny-llava", messages=system, temperature=0, max_tokens=MAX_TOKENS)
+    assert encodes == [] and reply3.usage.prompt_tokens_details.cached_tokens == 0
+    assert reply3.usage.prompt_tokens == hf_prompt_tokens(ck, system, [image])
+    assert reply3.choices[0].message.content == generate(model, processor, QUESTION, [image], system="You describe pictures.",
+                                                         max_tokens=MAX_TOKENS).text
+    # ... while a new image is encoded, once.
+    other = [user(QUESTION, data_uri(random_image(100, 70, seed=2)))]
+    client.chat.completions.create(model="tiny-llava", messages=other, temperature=0, max_tokens=2)
+    assert encodes == [1]
+
 
 def test_models_and_health(server):
     models = server.client().models.list()
@@ -234,7 +247,7 @@ def test_disconnect_mid_stream_frees_the_model(server):
     messages = [user("Tell me a very long story.", data_uri(random_image(80, 80, seed=9)))]
     body = json.dumps({"messages": messages, "stream": True, "max_tokens": 100000, "temperature": 0}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
     reader = sock.makefile("rb")
     assert reader.readline().startswith(b"HTTP/1.0 200")
@@ -324,17 +337,21 @@ def test_routes_auth_body_size_and_content_type(strict):
         (request(strict, "POST", "/v1/chat/completions", {"messages": [user("hi")]}, {"Authorization": "Bearer wrong"}), 401, "invalid_api_key"),
         (request(strict, "GET", "/v1/models"), 401, "invalid_api_key"),
         (request(strict, "POST", "/v1/chat/completions", raw=b"{}", headers={**key, "Content-Type": "text/plain"}), 415, "unsupported_media_type"),
+        # DNS rebinding: a page served as evil.example that resolves to 127.0.0.1 gets nothing.
+        (request(strict, "GET", "/v1/models", headers={**key, "Host": "evil.example:8080"}), 403, "host_not_allowed"),
+        (request(strict, "GET", "/", headers={"Host": "evil.example"}), 403, "host_not_allowed"),
     ]
     for (status, _, body), expected, code in checks:
         assert status == expected and body["error"]["code"] == code, body
         assert request(strict, "GET", "/health")[0] == 200
     with pytest.raises(openai.AuthenticationError):
         strict.client("wrong").chat.completions.create(model="x", messages=[user("hi")])
+    assert request(strict, "GET", "/v1/models", headers={**key, "Host": f"localhost:{strict.port}"})[0] == 200
     assert strict.client("sekrit").chat.completions.create(model="x", messages=[user("hi")], max_tokens=2).usage.completion_tokens >= 1
 
     # 413: the server answers from the headers alone, without reading the 5 MB body.
     with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekrit\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer sekrit\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n{")
         reply = sock.makefile("rb").read()
     head, _, payload = reply.partition(b"\r\n\r\n")
@@ -478,10 +495,42 @@ def test_chat_page_in_headless_chromium(ck, server, tmp_path):
         answer = browser.execute_script("return document.querySelector('.msg.assistant .text').textContent")
         assert answer == expected
         assert browser.find_element(By.CSS_SELECTOR, ".msg.user img").get_attribute("src").startswith("data:image/png;base64,")
-        stats = browser.find_element(By.CSS_SELECTOR, ".stats").text
+
+        def ask(text, n_stats):
+            browser.find_element(By.ID, "prompt").send_keys(text)
+            browser.find_element(By.ID, "send").click()
+            WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".stats")) == n_stats and
+                                             b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+            return browser.execute_script("const a = document.querySelectorAll('.msg.assistant .text');"
+                                          "return a[a.length - 1].textContent")
+
+        # A follow-up: the page sends the whole conversation, the server answers from its cache.
+        follow = "And who signed it?"
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                        {"role": "assistant", "content": answer}, {"role": "user", "content": follow}]
+        assert ask(follow, 2) == generate(model, processor, conversation, [scan], max_tokens=MAX_TOKENS).text
+        stats = browser.find_elements(By.CSS_SELECTOR, ".stats")[-1].text
+        cached = int(stats.split("(")[1].split(" cached")[0])
+        assert cached > 0, stats
+
+        # Stop: a long answer is cut by the Stop button, and the server stops generating it.
+        field.clear()
+        field.send_keys("3000")
+        browser.find_element(By.ID, "prompt").send_keys("Tell me everything.")
+        browser.find_element(By.ID, "send").click()
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script(
+            "const a = document.querySelectorAll('.msg.assistant .text'); return a.length == 3 && a[2].textContent.length > 5"))
+        browser.find_element(By.ID, "stop").click()
+        WebDriverWait(browser, 10).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        assert browser.find_elements(By.CSS_SELECTOR, ".stats")[-1].text == "stopped"
+        deadline = time.time() + 2
+        while server.engine.busy is not None and time.time() < deadline:
+            time.sleep(0.02)
+        assert server.engine.busy is None and server.engine.finished[-1].outcome == "cancelled"
+
         shot = tmp_path / "chat.png"
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 1000
-        print(f"screenshot: {shot}; stats: {stats}")
+        print(f"screenshot: {shot}; stats: {stats}; stopped after {server.engine.finished[-1].generated} tokens")
     finally:
         browser.quit()

@@ -1,6 +1,7 @@
 """HTTP: routes, auth, body limits, JSON and SSE responses on the standard library's ThreadingHTTPServer."""
 
 import hmac
+import ipaddress
 import json
 import queue
 import select
@@ -16,6 +17,21 @@ from .images import ImagePolicy, fetch_image
 from .schema import ApiError, parse_chat_request, parse_json
 
 STATIC = Path(__file__).parent / "static"
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """'127.0.0.1:8080' -> '127.0.0.1', '[::1]:8080' -> '::1'."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class Server(ThreadingHTTPServer):
@@ -28,6 +44,11 @@ class Server(ThreadingHTTPServer):
                  images: ImagePolicy = ImagePolicy(), max_body_bytes: int = 64 << 20, log=None):
         self.engine, self.api_key, self.images, self.max_body_bytes = engine, api_key, images, max_body_bytes
         self.log = log
+        # Bound to loopback, only loopback names are answered: a web page whose domain is re-bound
+        # to 127.0.0.1 (DNS rebinding) cannot talk to the server as if it were same-origin.
+        self.loopback_only = is_loopback(host)
+        if ":" in host:
+            self.address_family = socket.AF_INET6
         super().__init__((host, port), Handler)
 
 
@@ -56,6 +77,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _guard(self, fn) -> None:
         try:
+            self._check_host()
             fn()
         except ApiError as e:
             self._send_error(e)
@@ -117,6 +139,14 @@ class Handler(BaseHTTPRequestHandler):
                 self._complete(job)
         finally:
             job.cancelled.set()  # no-op when finished; stops the worker when this client left
+
+    def _check_host(self) -> None:
+        host = self.headers.get("Host")
+        if self.server.loopback_only and host and host_name(host).lower() not in LOOPBACK_NAMES:
+            self.close_connection = True
+            raise ApiError(403, f"Host {host!r} refused: this server is bound to a loopback address and answers only "
+                           "localhost / 127.0.0.1 / [::1] (start it with --host to serve other names)",
+                           code="host_not_allowed")
 
     def _authorize(self) -> None:
         key = self.server.api_key
