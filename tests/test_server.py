@@ -6,7 +6,6 @@ import base64
 import http.client
 import io
 import json
-import os
 import shutil
 import socket
 import struct
@@ -18,13 +17,12 @@ import zlib
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import openai  # the real client (in the test extra)
 import pytest
 
 from conftest import random_image
 from mlx_llava_next import generate, load, stream_generate
 from mlx_llava_next.commands.serve import serve_command, start_server
-
-openai = pytest.importorskip("openai", reason="the server tests need the `openai` client (pip install -e '.[test]')")
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What is shown?"
@@ -454,83 +452,141 @@ def test_full_queue_gets_429_with_retry_after(strict):
 # -- 4. the chat page in a real browser ----------------------------------------------------
 
 
-def _browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("the browser test needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium (pip install -e '.[test]')")
-    return chromium, driver, webdriver
+class WebDriver:
+    """Just enough of the W3C WebDriver protocol to drive Chromium through chromedriver (JSON over
+    HTTP, standard library only)."""
+
+    ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+
+    def __init__(self, chromium, chromedriver, profile):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.process = subprocess.Popen([chromedriver, f"--port={port}"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 20
+        while True:
+            try:
+                if self._call("GET", "/status").get("ready"):
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                self.process.kill()
+                raise RuntimeError("chromedriver did not start")
+            time.sleep(0.1)
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1000,800"]
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome",
+                                                 "goog:chromeOptions": {"binary": chromium, "args": args}}}}
+        self.session = self._call("POST", "/session", caps)["sessionId"]
+
+    def _call(self, method, path, body=None):
+        import urllib.request
+
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return json.loads(response.read())["value"]
+
+    def call(self, method, path, body=None):
+        return self._call(method, f"/session/{self.session}{path}", body)
+
+    def get(self, url):
+        self.call("POST", "/url", {"url": url})
+
+    def find(self, css):
+        return self.call("POST", "/element", {"using": "css selector", "value": css})[self.ELEMENT]
+
+    def type(self, css, text, clear=False):
+        element = self.find(css)
+        if clear:
+            self.call("POST", f"/element/{element}/clear", {})
+        self.call("POST", f"/element/{element}/value", {"text": text})
+
+    def click(self, css):
+        self.call("POST", f"/element/{self.find(css)}/click", {})
+
+    def js(self, script, *args):
+        return self.call("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def wait(self, script, timeout=30):
+        deadline = time.time() + timeout
+        while not self.js(script):
+            if time.time() > deadline:
+                raise AssertionError(f"timed out waiting for: {script}")
+            time.sleep(0.05)
+
+    def screenshot(self, path):
+        Path(path).write_bytes(base64.b64decode(self.call("GET", "/screenshot")))
+
+    def quit(self):
+        try:
+            self.call("DELETE", "")
+        finally:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+IDLE_WITH = "return document.querySelectorAll('.stats').length == arguments[0] && document.body.dataset.state == 'idle'"
+LAST_ANSWER = "const a = document.querySelectorAll('.msg.assistant .text'); return a[a.length - 1].textContent"
 
 
 def test_chat_page_in_headless_chromium(ck, server, tmp_path):
-    chromium, driver_path, webdriver = _browser()
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,800"]:
-        options.add_argument(flag)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.skip("the browser test needs Debian's chromium and chromium-driver "
+                    f"(missing: {'chromium' if not chromium else 'chromedriver'}; apt-get install chromium chromium-driver)")
     scan = REPO / "examples" / "scan.png"
     question = "What does this scan say?"
     model, processor = ck.load()
     expected = generate(model, processor, question, [scan], max_tokens=MAX_TOKENS).text
-    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    browser = WebDriver(chromium, chromedriver, tmp_path / "profile")
     try:
         browser.get(server.url + "/")
-        assert "mlx-llava-next" in browser.title
-        browser.find_element(By.ID, "file").send_keys(str(scan))
-        WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#preview img"))
-        field = browser.find_element(By.ID, "max-tokens")
-        field.clear()
-        field.send_keys(str(MAX_TOKENS))
-        browser.find_element(By.ID, "prompt").send_keys(question)
-        browser.find_element(By.ID, "send").click()
-        WebDriverWait(browser, 30).until(
-            lambda b: b.find_elements(By.CSS_SELECTOR, ".stats") and b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
-        answer = browser.execute_script("return document.querySelector('.msg.assistant .text').textContent")
+        assert "mlx-llava-next" in browser.call("GET", "/title")
+        browser.type("#file", str(scan))  # a real file chosen in the file input
+        browser.wait("return document.querySelector('#preview img') !== null", timeout=10)
+        browser.type("#max-tokens", str(MAX_TOKENS), clear=True)
+        browser.type("#prompt", question)
+        browser.click("#send")
+        browser.wait(IDLE_WITH.replace("arguments[0]", "1"))
+        answer = browser.js(LAST_ANSWER)
         assert answer == expected
-        assert browser.find_element(By.CSS_SELECTOR, ".msg.user img").get_attribute("src").startswith("data:image/png;base64,")
-
-        def ask(text, n_stats):
-            browser.find_element(By.ID, "prompt").send_keys(text)
-            browser.find_element(By.ID, "send").click()
-            WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".stats")) == n_stats and
-                                             b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
-            return browser.execute_script("const a = document.querySelectorAll('.msg.assistant .text');"
-                                          "return a[a.length - 1].textContent")
+        assert browser.js("return document.querySelector('.msg.user img').src").startswith("data:image/png;base64,")
 
         # A follow-up: the page sends the whole conversation, the server answers from its cache.
         follow = "And who signed it?"
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
                         {"role": "assistant", "content": answer}, {"role": "user", "content": follow}]
-        assert ask(follow, 2) == generate(model, processor, conversation, [scan], max_tokens=MAX_TOKENS).text
-        stats = browser.find_elements(By.CSS_SELECTOR, ".stats")[-1].text
+        browser.type("#prompt", follow)
+        browser.click("#send")
+        browser.wait(IDLE_WITH.replace("arguments[0]", "2"))
+        assert browser.js(LAST_ANSWER) == generate(model, processor, conversation, [scan], max_tokens=MAX_TOKENS).text
+        stats = browser.js("const s = document.querySelectorAll('.stats'); return s[s.length - 1].textContent")
         cached = int(stats.split("(")[1].split(" cached")[0])
         assert cached > 0, stats
 
         # Stop: a long answer is cut by the Stop button, and the server stops generating it.
-        field.clear()
-        field.send_keys("3000")
-        browser.find_element(By.ID, "prompt").send_keys("Tell me everything.")
-        browser.find_element(By.ID, "send").click()
-        WebDriverWait(browser, 30).until(lambda b: b.execute_script(
-            "const a = document.querySelectorAll('.msg.assistant .text'); return a.length == 3 && a[2].textContent.length > 5"))
-        browser.find_element(By.ID, "stop").click()
-        WebDriverWait(browser, 10).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
-        assert browser.find_elements(By.CSS_SELECTOR, ".stats")[-1].text == "stopped"
+        browser.type("#max-tokens", "3000", clear=True)
+        browser.type("#prompt", "Tell me everything.")
+        browser.click("#send")
+        browser.wait("const a = document.querySelectorAll('.msg.assistant .text'); return a.length == 3 && a[2].textContent.length > 5")
+        browser.click("#stop")
+        browser.wait("return document.body.dataset.state == 'idle'", timeout=10)
+        assert browser.js("const s = document.querySelectorAll('.stats'); return s[s.length - 1].textContent") == "stopped"
         deadline = time.time() + 2
         while server.engine.busy is not None and time.time() < deadline:
             time.sleep(0.02)
         assert server.engine.busy is None and server.engine.finished[-1].outcome == "cancelled"
 
         shot = tmp_path / "chat.png"
-        browser.save_screenshot(str(shot))
-        assert shot.stat().st_size > 1000
+        browser.screenshot(shot)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 1000
         print(f"screenshot: {shot}; stats: {stats}; stopped after {server.engine.finished[-1].generated} tokens")
     finally:
         browser.quit()

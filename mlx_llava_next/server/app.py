@@ -6,7 +6,6 @@ import json
 import queue
 import select
 import socket
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Dict, Optional

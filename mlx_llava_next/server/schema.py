@@ -2,12 +2,12 @@
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# Fields OpenAI clients send that change nothing here when left at their defaults.
-IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "reasoning_effort", "modalities"}
+# Fields that would change the answer in a way this server does not implement: accepted only at
+# their neutral value. Other unknown fields (user, metadata, store, ...) change nothing and are ignored.
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "logit_bias": {}, "tool_choice": "none"}
 
 
@@ -49,7 +49,6 @@ class ChatRequest:
     stop: Tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def parse_json(raw: bytes) -> Dict[str, Any]:
