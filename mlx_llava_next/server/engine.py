@@ -156,7 +156,7 @@ class Engine:
     def _generate(self, job: Job) -> None:
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-        from ..generate import Sampling, _embed, _token_loop
+        from ..generate import Sampling, _embed, _token_loop, context_length
 
         p = job.prepared
         cache, rest = self.prompt_cache.fetch_nearest_cache(CACHE_KEY, p.key)
@@ -172,7 +172,9 @@ class Engine:
 
         features = self._features_from(p, keep)
         embeddings = _embed(self.model, p.ids[keep:], features)
-        opts = Sampling.from_kwargs(**job.sampling)
+        # An answer may use what the context window leaves (as a request without max_tokens expects).
+        room = max(1, context_length(self.model) - len(p.ids))
+        opts = Sampling.from_kwargs(**{**job.sampling, "max_tokens": min(job.sampling["max_tokens"], room)})
         generated: List[int] = []
         ok = False
         try:
