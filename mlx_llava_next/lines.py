@@ -281,10 +281,10 @@ def _pad(piece: Image.Image, paper: float, s: ReaderSettings) -> Image.Image:
     return canvas.convert("RGB")
 
 
-def split_lines(image, settings: ReaderSettings) -> List[List[LineCrop]]:
+def split_lines(image, settings: ReaderSettings, straighten: bool = True) -> List[List[LineCrop]]:
     """A block image -> per text line, the model-ready line images."""
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image).astype(np.uint8))
-    straight = deskew(img)
+    straight = deskew(img) if straighten else img.convert("L")
     g = gray(straight)
     mask, paper = ink_mask(g)
     lines = []

@@ -161,6 +161,28 @@ def heldout_sample(rng: np.random.Generator, kind: str, font_name: str, text_px:
     return render_natural(lines, rng, font_name, px), "\n".join(lines), target
 
 
+def normalized_line(rng: np.random.Generator, width: int, settings, tries: int = 20) -> Optional[Line]:
+    """A naturally typeset DejaVu Sans Mono line (16-36 px, noise, blur, rotation) brought to the
+    training geometry by the runtime's own line reader (mlx_llava_next.lines): the inference input."""
+    from mlx_llava_next import lines
+
+    hi = width // CELL_W
+    lo = 1 if width == WIDTHS[0] else hi // 2 + 1
+    for _ in range(tries):
+        text = random_text(rng, hi, lo)
+        target = int(rng.integers(16, 37))
+        px = max(6, int(round(target * target / max(1, text_height_px("mono", target)))))
+        straight = rng.random() < 0.8  # most without rotation (and deskew): cheaper, same geometry
+        img = render_natural([text], rng, "mono", px, max_rotation=0.0 if straight else 1.5)
+        found = lines.split_lines(img, settings, straighten=not straight)
+        if len(found) != 1 or len(found[0]) != 1 or found[0][0].leading_spaces or found[0][0].image.width != width:
+            continue
+        glyphs = np.zeros((CELL_H // 8, width // 8), dtype=np.int32)
+        glyphs[:, : len(text)] = [glyph_class(c) for c in text]
+        return Line(found[0][0].image, text, glyphs)
+    return None
+
+
 # -- the README's example -------------------------------------------------------------------------
 
 SCAN_TEXT = "INVOICE No. 2024-0117\nDate: 03/12/2024\nWidget A x2      $19.90\nShipping fee      $4.50\nTotal due:       $24.40"

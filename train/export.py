@@ -73,12 +73,19 @@ def model_config() -> dict:
 
 
 def write_tokenizer(out: Path) -> None:
-    """A character-level tokenizer: a `tokenizers` BPE with no merges, loaded by AutoTokenizer."""
-    from tokenizers import Tokenizer, decoders, models, processors
+    """A character-level tokenizer: a byte-level `tokenizers` BPE with no merges (one token per
+    printable ASCII character; GPT-2's byte alphabet writes space and newline as 'Ġ' and 'Ċ'),
+    loaded by AutoTokenizer and writable to GGUF."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE(vocab=dict(TOKEN_ID), merges=[], unk_token="<unk>"))
-    bpe.decoder = decoders.Fuse()
+    def byte_char(t):
+        return {" ": "\u0120", "\n": "\u010a"}.get(t, t)
+
+    vocab = {byte_char(t): i for t, i in TOKEN_ID.items()}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})

@@ -22,6 +22,7 @@ from mlx_llava_next.model import Model
 from . import data, export, fast
 
 HEAD = "glyph_head."  # training-only parameters (never exported)
+READER = None  # the line reader's settings (set in run(): --natural lines go through mlx_llava_next.lines)
 
 
 class Trainee(nn.Module):
@@ -65,12 +66,15 @@ def batch_spec(step: int, rng, curriculum: int):
     return w, lo, hi
 
 
-def make_batch(step: int, seed: int, curriculum: int, token_budget: int, proc: ImageProcessor):
+def make_batch(step: int, seed: int, curriculum: int, token_budget: int, proc: ImageProcessor, natural: float = 0.0):
     rng = np.random.default_rng([seed, step])
     w, lo, hi = batch_spec(step, rng, curriculum)
     n_img = proc.num_image_tokens((data.CELL_H, w), export.PATCH)
     B = max(2, token_budget // (n_img + hi + 3))
-    lines = [data.render_cells(data.random_text(rng, hi, lo), rng, width=w) for _ in range(B)]
+    lines = []
+    for _ in range(B):
+        line = data.normalized_line(rng, w, READER) if natural and rng.random() < natural else None
+        lines.append(line or data.render_cells(data.random_text(rng, hi, lo), rng, width=w))
     return collate(lines, proc)
 
 
@@ -232,6 +236,8 @@ def main(argv=None):
     p.add_argument("--vision-lr", type=float, default=3e-3, help="tower, projector and glyph head")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--glyph-weight", type=float, default=1.0)
+    p.add_argument("--natural", type=float, default=0.0,
+                   help="fraction of lines typeset naturally (16-36 px) and normalised by the runtime's line reader")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-lines", type=int, default=60)
     p.add_argument("--save-every", type=int, default=200)
@@ -243,6 +249,10 @@ def main(argv=None):
 
 
 def run(args):
+    global READER
+    from mlx_llava_next.lines import ReaderSettings
+
+    READER = ReaderSettings.from_dict(export.READER)
     out = Path(args.out)
     proc = image_processor()
     trainee = new_trainee(args.seed)
@@ -285,7 +295,7 @@ def run(args):
     started = time.time() - (log[-1]["time"] if log else 0.0)
     stop = min(args.steps, args.stop_at or args.steps)
     while step < stop:
-        b = make_batch(step, args.seed, args.curriculum, args.tokens, proc)
+        b = make_batch(step, args.seed, args.curriculum, args.tokens, proc, args.natural)
         lm, gl = train_step(b)
         step += 1
         entry = {"step": step, "time": round(time.time() - started, 1), "lm_loss": round(lm, 4), "glyph_loss": round(gl, 4)}
