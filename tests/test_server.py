@@ -6,6 +6,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import shutil
 import socket
 import struct
@@ -367,6 +368,40 @@ def test_default_bind_is_localhost(served_model):
         assert running.server.server_address[0] == "127.0.0.1"
     finally:
         running.close()
+
+
+def test_cli_serve_binds_localhost_and_stops_on_ctrl_c(ck, tmp_path):
+    import signal
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    bad = CliRunner().invoke(app, ["serve", "--model", str(ck.path), "--media-dir", str(tmp_path / "nope")])
+    assert bad.exit_code == 1 and bad.stderr.strip().splitlines() == [f"error: --media-dir {tmp_path / 'nope'}: not a directory"]
+    proc = subprocess.Popen([sys.executable, "cli.py", "serve", "--model", str(ck.path), "--port", "0"], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server exited before serving"
+        url = line.split(" on ")[1].split()[0].rstrip("/")
+        assert url.startswith("http://127.0.0.1:")
+        port = int(url.rsplit(":", 1)[1])
+        if os.path.exists("/proc/net/tcp"):  # the listening socket is on 127.0.0.1 only
+            rows = [r.split() for r in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+            listening = {r[1] for r in rows if r[3] == "0A" and int(r[1].split(":")[1], 16) == port}
+            assert listening == {f"0100007F:{port:04X}"}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/health")
+        assert json.loads(conn.getresponse().read())["model"] == str(ck.path)
+        conn.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0 and "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_file_urls_only_below_media_dir(ck, strict, server, media):

@@ -81,6 +81,7 @@ class Engine:
         self.prompt_cache = LRUPromptCache(max_size=cache_entries, max_bytes=cache_bytes)
         self.features = FeatureCache(image_cache_entries, image_cache_bytes)
         self._queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
+        self._stopping = threading.Event()
         self._prepare_lock = threading.Lock()  # the HF tokenizer is not safe to share between threads
         self.busy: Optional[Job] = None
         self.finished: List[Job] = []  # the last few finished jobs (for /health and tests)
@@ -132,13 +133,18 @@ class Engine:
         return self._queue.qsize()
 
     def stop(self) -> None:
-        self._queue.put(None)
+        """Let the worker exit after the running job; jobs still queued are dropped."""
+        self._stopping.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
 
     # -- the worker -----------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             job = self._queue.get()
-            if job is None:
+            if job is None or self._stopping.is_set():
                 return
             if job.cancelled.is_set():
                 continue
