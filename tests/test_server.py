@@ -207,6 +207,40 @@ def test_models_and_health(server):
     assert status == 200 and body["status"] == "ok"
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_data_uri_image_formats(ck, server, fmt):
+    image = random_image(70, 90, seed=11)
+    if fmt == "GIF":
+        image = image.convert("P")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    reply = server.client().chat.completions.create(
+        model="x", messages=[user(QUESTION, b64(buffer.getvalue(), f"image/{fmt.lower()}"))], max_tokens=3)
+    model, processor = ck.load()
+    assert reply.choices[0].message.content == generate(model, processor, QUESTION, [buffer.getvalue()], max_tokens=3).text
+
+
+def test_sampling_parameters(ck, server):
+    model, processor = ck.load()
+    client = server.client()
+    image = random_image(80, 120, seed=12)
+    messages = [user(QUESTION, data_uri(image))]
+    greedy = generate(model, processor, QUESTION, [image], max_tokens=10).text
+    # stop: the text ends before the first stop string, finish_reason "stop"
+    stop = greedy[len(greedy) // 2:][:3]
+    reply = client.chat.completions.create(model="x", messages=messages, max_tokens=10, stop=[stop])
+    assert reply.choices[0].message.content == greedy[:greedy.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+    # temperature + top_p + seed: reproducible, and what generate() samples with the same options
+    sampled = [client.chat.completions.create(model="x", messages=messages, max_tokens=10, temperature=1.0, top_p=0.9,
+                                              seed=7).choices[0].message.content for _ in range(2)]
+    expected = generate(model, processor, QUESTION, [image], max_tokens=10, temperature=1.0, top_p=0.9, seed=7).text
+    assert sampled == [expected, expected] and expected != greedy
+    # max_completion_tokens is max_tokens' newer name
+    reply = client.chat.completions.create(model="x", messages=messages, max_completion_tokens=4)
+    assert reply.usage.completion_tokens == 4 and reply.choices[0].finish_reason == "length"
+
+
 # -- 2. load: concurrent streams, disconnects ----------------------------------------------
 
 
@@ -331,6 +365,7 @@ def test_routes_auth_body_size_and_content_type(strict):
     key = {"Authorization": "Bearer sekrit"}
     checks = [
         (request(strict, "GET", "/nope"), 404, "not_found"),
+        (request(strict, "GET", "/v1/chat/completions", headers=key), 405, "method_not_allowed"),
         (request(strict, "POST", "/v1/completions", {"prompt": "x"}, key), 404, "not_found"),
         (request(strict, "POST", "/v1/chat/completions", {"messages": [user("hi")]}), 401, "invalid_api_key"),
         (request(strict, "POST", "/v1/chat/completions", {"messages": [user("hi")]}, {"Authorization": "Bearer wrong"}), 401, "invalid_api_key"),

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Fields that would change the answer in a way this server does not implement: accepted only at
 # their neutral value. Other unknown fields (user, metadata, store, ...) change nothing and are ignored.
-NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "logit_bias": {}, "tool_choice": "none"}
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "logit_bias": {}}
 
 
 class ApiError(Exception):
