@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Fields that would change the answer in a way this server does not implement: accepted only at
 # their neutral value. Other unknown fields (user, metadata, store, ...) change nothing and are ignored.
+MAX_IMAGES = 16  # per request; each is decoded in memory before the prompt length is known
 NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "logit_bias": {}}
 
 
@@ -118,6 +119,9 @@ def parse_chat_request(body: Dict[str, Any]) -> ChatRequest:
         if message.get("tool_calls"):
             raise bad(f"`{where}.tool_calls`: tools are not supported by this server", param=f"{where}.tool_calls")
         out.append({"role": ROLES[role], "content": _parts(message.get("content"), where, ROLES[role], images)})
+    if len(images) > MAX_IMAGES:
+        raise bad(f"too many images ({len(images)}); at most {MAX_IMAGES} per request", param="messages",
+                  code="too_many_images")
     if out[-1]["role"] == "assistant":
         raise bad("the last message must be a user (or system) message; continuing an assistant turn is not supported",
                   param=f"messages[{len(out) - 1}].role")
