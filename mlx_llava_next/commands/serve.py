@@ -57,6 +57,9 @@ def serve_command(
                               log=lambda line: typer.echo(line, err=True))
     except OSError as e:
         fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    if not server.loopback_only and api_key is None:
+        typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
+                   err=True)
     typer.echo(f"serving {model} on http://{host}:{server.server_port}/ (OpenAI API under /v1; Ctrl-C stops)", err=True)
     try:
         server.serve_forever()
