@@ -1,46 +1,10 @@
-"""What every converter shares: atomic output directories and progress bars."""
+"""What every converter shares: atomic output directories (mlx_llava_next.outputs) and progress bars."""
 
-import contextlib
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Iterable, Iterator, Optional, TypeVar
 
-from mlx_llava_next.errors import LlavaNextError
+from mlx_llava_next.outputs import OutputExistsError, atomic_output_dir, check_output_dir  # noqa: F401  (re-exported)
 
 T = TypeVar("T")
-
-
-class OutputExistsError(LlavaNextError):
-    """The output directory exists and --force was not given."""
-
-
-@contextlib.contextmanager
-def atomic_output_dir(target, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `target`; rename it onto `target` only on success.
-
-    An interrupted or failed run leaves no `target` (and no half-written files in it): the
-    temporary directory is removed, or, after a hard kill, left under a `.tmp-` name that
-    `load()` never looks at.
-    """
-    target = Path(target)
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target} already exists; pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            backup = target.with_name(f".old-{target.name}-{os.getpid()}")
-            os.rename(target, backup)
-            os.rename(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def progress(items: Iterable[T], total: Optional[int] = None, description: str = "", enabled: bool = True) -> Iterator[T]:

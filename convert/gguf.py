@@ -13,6 +13,7 @@ hidden-state index, made non-negative) and only the blocks up to it; grid pinpoi
 as (width, height) pairs, which is how clip.cpp reads them.
 """
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import gguf
 import mlx.core as mx
 import numpy as np
 
-from convert.common import atomic_output_dir, progress as progress_bar
+from convert.common import atomic_output_dir, check_output_dir, progress as progress_bar
 from convert.gguf_vocab import write_tokenizer
 from mlx_llava_next import chat_templates
 from mlx_llava_next.config import LlavaNextConfig
@@ -198,6 +199,7 @@ def convert_to_gguf(src, out_dir, qtype: str = "f16", force: bool = False, progr
     q8_0 or q4_0 for the language model; the mmproj is f32 when qtype is f32, else f16.
     Returns the two paths."""
     qtype = check_qtype(qtype)
+    check_output_dir(out_dir, force, [src] if os.path.exists(str(src)) else [])  # before any work
     model_dir = resolve_model_path(src, revision)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir} is not a model directory")
@@ -220,7 +222,7 @@ def convert_to_gguf(src, out_dir, qtype: str = "f16", force: bool = False, progr
 
     text_name, mmproj_name = output_names(name, qtype)
     out_dir = Path(out_dir)
-    with atomic_output_dir(out_dir, force) as tmp:
+    with atomic_output_dir(out_dir, force, sources=[model_dir]) as tmp:
         writer = gguf.GGUFWriter(None, TEXT_ARCH[text["model_type"]])
         text_metadata(writer, config, name, qtype, tokenizer, chat_template)
         write_gguf(tmp / text_name, writer, text_plan, weights, progress, f"text  {qtype}")

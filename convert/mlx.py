@@ -11,6 +11,7 @@ the MLX format marker and an mlx-lm `quantization` block, the tokenizer, process
 template files, and a README.md model card.
 """
 
+import os
 import json
 import shutil
 from pathlib import Path
@@ -32,7 +33,7 @@ from mlx_llava_next.loading import (
 from mlx_llava_next.model import Model
 from quantize.mlx import QuantConfig, quant_plan, quantization_block, quantize_weight, to_stderr
 
-from .common import OutputExistsError, atomic_output_dir, progress
+from .common import atomic_output_dir, check_output_dir, progress
 from .shards import MAX_SHARD_BYTES, write_shards
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -124,8 +125,7 @@ def convert(
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    if out.exists() and not force:  # before any download
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    check_output_dir(out, force, [src] if os.path.exists(str(src)) else [])  # before any download
     src_dir = resolve_model_path(src, revision)
     if not src_dir.is_dir():
         raise CheckpointError(f"{src} is not a model directory")
@@ -142,7 +142,7 @@ def convert(
     def bar(items, total):
         return progress(items, total, "converting", enabled=show_progress)
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, sources=[src_dir]) as tmp:
         write_shards(tmp, tensors, max_shard_bytes, progress=bar)
         (tmp / "config.json").write_text(json.dumps(output_config(raw_config, quantization, plan), indent=2))
         copy_side_files(src_dir, tmp)

@@ -9,7 +9,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-from .errors import UnsupportedModelError
+from . import checks
+from .errors import CheckpointError, UnsupportedModelError
 
 # transformers 5 config-class defaults for the text backbones LLaVA-NeXT ships with.
 TEXT_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -126,8 +127,89 @@ class LlavaNextConfig:
         args.pop("layer_types", None)
         return args
 
+    def check(self) -> "LlavaNextConfig":
+        """CheckpointError naming the first field of a wrong type or an out-of-bounds size."""
+        t, v = self.text_config, self.vision_config
+        i = lambda key, value, lo, hi: checks.integer(key, value, lo, hi)  # noqa: E731
+        for key, hi in (("vocab_size", 1 << 22), ("hidden_size", 1 << 16), ("intermediate_size", 1 << 18),
+                        ("num_hidden_layers", 1024), ("num_attention_heads", 1024), ("num_key_value_heads", 1024),
+                        ("head_dim", 4096), ("max_position_embeddings", 1 << 24)):
+            t[key] = i(f"text_config.{key}", t.get(key), 1, hi)
+        if t["num_attention_heads"] % t["num_key_value_heads"]:
+            raise CheckpointError(f"text_config.num_attention_heads ({t['num_attention_heads']}) must be a multiple "
+                                  f"of num_key_value_heads ({t['num_key_value_heads']})")
+        t["rms_norm_eps"] = checks.number("text_config.rms_norm_eps", t.get("rms_norm_eps"), 0.0, 1.0, low_open=True)
+        t["rope_theta"] = checks.number("text_config.rope_theta", t.get("rope_theta"), 0.0, 1e12, low_open=True)
+        if t.get("sliding_window") is not None:
+            t["sliding_window"] = i("text_config.sliding_window", t["sliding_window"], 1, 1 << 24)
+        scaling = t.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, dict):
+            raise CheckpointError(f"text_config.rope_scaling must be an object or null, got {scaling!r}"[:300])
+        layer_types = t.get("layer_types")
+        if layer_types is not None:
+            if not isinstance(layer_types, list) or len(layer_types) != t["num_hidden_layers"]:
+                raise CheckpointError(f"text_config.layer_types must list one type per layer ({t['num_hidden_layers']})")
+            for n, kind in enumerate(layer_types):
+                checks.one_of(f"text_config.layer_types[{n}]", kind, ("full_attention", "sliding_attention"))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = t.get(key)
+            for n, token in enumerate(value if isinstance(value, list) else [] if value is None else [value]):
+                i(f"text_config.{key}", token, 0, t["vocab_size"] - 1 if key != "pad_token_id" else 1 << 22)
+        for key, lo, hi in (("hidden_size", 1, 1 << 14), ("intermediate_size", 1, 1 << 16), ("num_hidden_layers", 1, 256),
+                            ("num_attention_heads", 1, 256), ("image_size", 1, 4096), ("patch_size", 1, 1024),
+                            ("num_channels", 3, 3)):
+            v[key] = i(f"vision_config.{key}", v.get(key), lo, hi)
+        if v["image_size"] % v["patch_size"] or v["hidden_size"] % v["num_attention_heads"]:
+            raise CheckpointError(f"vision_config: image_size ({v['image_size']}) must be a multiple of patch_size "
+                                  f"({v['patch_size']}) and hidden_size of num_attention_heads")
+        v["layer_norm_eps"] = checks.number("vision_config.layer_norm_eps", v.get("layer_norm_eps"), 0.0, 1.0, low_open=True)
+        checks.one_of("vision_config.hidden_act", v.get("hidden_act"), ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"))
+        checks.one_of("projector_hidden_act", self.projector_hidden_act, ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu"))
+        self.image_token_index = i("image_token_index", self.image_token_index, 0, 1 << 22)
+        pins = self.image_grid_pinpoints
+        if not isinstance(pins, list) or not 1 <= len(pins) <= 256:
+            raise CheckpointError(f"image_grid_pinpoints must be a list of 1 to 256 [height, width] pairs, got {str(pins)[:100]}")
+        for n, pair in enumerate(pins):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise CheckpointError(f"image_grid_pinpoints[{n}] must be a [height, width] pair, got {pair!r}"[:300])
+            for side in pair:  # bounds the anyres canvas (as the image processor does)
+                i(f"image_grid_pinpoints[{n}]", side, 1, 8192)
+            if pair[0] * pair[1] > 4096 * 4096:
+                raise CheckpointError(f"image_grid_pinpoints[{n}] {pair[0]}x{pair[1]} is larger than 4096x4096 pixels")
+        layers = self.feature_layers
+        if not layers or len(layers) > v["num_hidden_layers"] + 1:
+            raise CheckpointError(f"vision_feature_layer must be a layer index or a non-empty list of them, got {self.vision_feature_layer!r}")
+        for layer in layers:
+            i("vision_feature_layer", layer, -(v["num_hidden_layers"] + 1), v["num_hidden_layers"])
+        for key in ("multimodal_projector_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, key), bool):
+                raise CheckpointError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        return self
+
     @classmethod
     def from_dict(cls, config: Dict[str, Any]) -> "LlavaNextConfig":
+        """The normalised, checked config (CheckpointError naming a bad field)."""
+        if not isinstance(config, dict):
+            raise CheckpointError(f"config.json must hold an object, not a {type(config).__name__}")
+        for key in ("text_config", "vision_config"):
+            if config.get(key) is not None and not isinstance(config[key], dict):
+                raise CheckpointError(f"{key} must be an object, got {type(config[key]).__name__}")
+        for key in ("model_type",):
+            if not isinstance(config.get(key, ""), str):
+                raise CheckpointError(f"{key} must be a string, got {config[key]!r}"[:300])
+        if not isinstance((config.get("text_config") or {}).get("model_type", ""), (str, type(None))):
+            raise CheckpointError("text_config.model_type must be a string")
+        if not isinstance((config.get("vision_config") or {}).get("model_type", ""), str):
+            raise CheckpointError("vision_config.model_type must be a string")
+        try:
+            return cls._from_dict(config).check()
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, ZeroDivisionError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"config.json has a field of the wrong type ({type(e).__name__}: {e})"[:300]) from None
+
+    @classmethod
+    def _from_dict(cls, config: Dict[str, Any]) -> "LlavaNextConfig":
         model_type = config.get("model_type", "llava_next")
         if model_type != "llava_next":
             raise UnsupportedModelError(

@@ -19,3 +19,7 @@ class CheckpointError(LlavaNextError, ValueError):
 
 class UnsupportedModelError(CheckpointError):
     """The checkpoint is a model type this package does not run."""
+
+
+class OutputError(LlavaNextError, OSError):
+    """An output cannot be written (exists, read-only, full disk, not ours to replace)."""

@@ -13,8 +13,10 @@ only the rest. Images are encoded once and their packed features are cached by c
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -25,10 +27,14 @@ from mlx_lm.generate import generate_step, generation_stream, wired_limit
 from mlx_lm.models.cache import can_trim_prompt_cache, load_prompt_cache, save_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .errors import LlavaNextError, PromptError
+from .errors import LlavaNextError, OutputError, PromptError
 from .image_processing import load_image
 
 SESSION_FORMAT = "mlx-llava-next-chat/1"
+
+
+class ClampWarning(UserWarning):
+    """max_tokens was cut to what the context window leaves."""
 
 
 # -- options and results ------------------------------------------------------------------
@@ -50,17 +56,40 @@ class Sampling:
     eos_token_ids: Optional[Tuple[int, ...]] = None  # None: the tokenizer's + generation_config's
     prefill_step_size: int = 2048
 
+    def __post_init__(self):
+        _check_int("max_tokens", self.max_tokens, 1, allow=(-1,))
+        _check_real("temperature", self.temperature, 0.0)
+        _check_real("top_p", self.top_p, 0.0, 1.0)
+        _check_int("top_k", self.top_k, 0)
+        _check_real("min_p", self.min_p, 0.0, 1.0)
+        if self.repetition_penalty is not None:
+            _check_real("repetition_penalty", self.repetition_penalty, 0.0, exclusive_low=True)
+        _check_int("repetition_context_size", self.repetition_context_size, 1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**64 - 1)
+        _check_int("prefill_step_size", self.prefill_step_size, 1)
+        if not isinstance(self.stop, tuple) or not all(isinstance(x, str) for x in self.stop):
+            raise PromptError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        for x in self.stop:
+            check_text("stop", x)
+        if self.eos_token_ids is not None:
+            for x in self.eos_token_ids:
+                _check_int("eos_token_ids", x, 0)
+
     @classmethod
     def from_kwargs(cls, base: Optional["Sampling"] = None, **kwargs) -> "Sampling":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
-            raise TypeError(f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+            raise PromptError(f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
         if isinstance(kwargs.get("stop"), str):
             kwargs["stop"] = (kwargs["stop"],)
         for key in ("stop", "eos_token_ids"):
             if kwargs.get(key) is not None:
-                kwargs[key] = tuple(kwargs[key])
+                try:
+                    kwargs[key] = tuple(kwargs[key])
+                except TypeError:
+                    raise PromptError(f"{key} must be a list, got {kwargs[key]!r}") from None
         return dataclasses.replace(base or cls(), **kwargs)
 
     def sampler(self):
@@ -70,6 +99,68 @@ class Sampling:
         return make_logits_processors(
             repetition_penalty=self.repetition_penalty, repetition_context_size=self.repetition_context_size
         )
+
+
+def _check_int(name: str, value, low: int, high: Optional[int] = None, allow: Tuple[int, ...] = ()) -> None:
+    """PromptError naming `name` unless `value` is an int (not a bool) in [low, high] or in `allow`."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if ok and (value in allow or (value >= low and (high is None or value <= high))):
+        return
+    bound = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    extra = f" (or {', '.join(map(str, allow))})" if allow else ""
+    raise PromptError(f"{name} must be {bound}{extra}, got {value!r}")
+
+
+def _check_real(name: str, value, low: float, high: Optional[float] = None, exclusive_low: bool = False) -> None:
+    """PromptError naming `name` unless `value` is a finite real number in range."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if ok and math.isfinite(value) and (value > low if exclusive_low else value >= low) and (high is None or value <= high):
+        return
+    rng = f"{'>' if exclusive_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+    raise PromptError(f"{name} must be a finite number {rng}, got {value!r}")
+
+
+def check_text(name: str, text) -> str:
+    """PromptError unless `text` is a str that UTF-8 can encode (no lone surrogates)."""
+    if not isinstance(text, str):
+        raise PromptError(f"{name} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"{name} contains a lone surrogate ({text[e.start]!r} at position {e.start}), which is not text") from None
+    return text
+
+
+MESSAGE_ROLES = ("system", "user", "assistant")
+PART_TYPES = ("text", "image")
+
+
+def check_messages(messages) -> List[Dict[str, Any]]:
+    """A list of HF-style chat messages, checked; PromptError naming the first bad one."""
+    messages = list(messages)
+    if not messages:
+        raise PromptError("messages is empty; give at least one message")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise PromptError(f"{where} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        if m.get("role") not in MESSAGE_ROLES:
+            raise PromptError(f"{where}['role'] must be one of {', '.join(MESSAGE_ROLES)}, got {m.get('role')!r}")
+        content = m.get("content")
+        if isinstance(content, str):
+            check_text(f"{where}['content']", content)
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise PromptError(f"{where}['content'] must be a string or a list of parts, got "
+                              f"{'nothing' if content is None else type(content).__name__}")
+        for j, part in enumerate(content):
+            pw = f"{where}['content'][{j}]"
+            if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
+                got = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise PromptError(f"{pw} must be a part of type {' or '.join(PART_TYPES)}, got {got!r}")
+            if part["type"] == "text":
+                check_text(f"{pw}['text']", part.get("text"))
+    return messages
 
 
 @dataclass
@@ -176,7 +267,10 @@ def format_prompt(processor, prompt, n_images: int, raw: Optional[bool] = None, 
       image (after an optional system message).
     """
     if isinstance(prompt, (list, tuple)):
-        return processor.apply_chat_template(list(prompt), add_generation_prompt=True)
+        return processor.apply_chat_template(check_messages(prompt), add_generation_prompt=True)
+    check_text("prompt", prompt)
+    if system is not None:
+        check_text("system", system)
     if raw or (raw is None and processor.image_token in prompt):
         return prompt
     messages = ([{"role": "system", "content": system}] if system else []) + [user_message(prompt, n_images)]
@@ -228,6 +322,17 @@ def image_hash(image) -> str:
 # -- the token loop -----------------------------------------------------------------------
 
 
+def known_token_ids(tokenizer, detokenizer) -> int:
+    """How many token ids the tokenizer can decode. The output layer may have more rows (the
+    llava-hf mistral release: 32,064 rows, 32,002 tokens); those ids decode to nothing, as
+    transformers' tokenizers decode them, instead of failing in mlx-lm's detokenizer."""
+    tokenmap = getattr(detokenizer, "tokenmap", None)
+    if tokenmap is not None:
+        return len(tokenmap)
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    return max(len(hf), max(hf.get_vocab().values(), default=-1) + 1)
+
+
 def _token_loop(
     model,
     processor,
@@ -242,10 +347,14 @@ def _token_loop(
     tokenizer = processor.tokenizer
     eos = set(tokenizer.eos_token_ids) if opts.eos_token_ids is None else set(opts.eos_token_ids)
     detokenizer = tokenizer.detokenizer  # a fresh copy per call
+    known = known_token_ids(tokenizer, detokenizer)
     stopper = StopStrings(opts.stop)
     # Never run past the context window: positions beyond it were never trained.
     room = context_length(model) - cached_tokens - len(prompt_ids)
     max_tokens = max(1, min(opts.max_tokens, room)) if opts.max_tokens >= 0 else max(1, room)
+    if opts.max_tokens > max_tokens:
+        warnings.warn(f"max_tokens {opts.max_tokens} is more than the context window leaves after the prompt; "
+                      f"generating at most {max_tokens} tokens", ClampWarning, stacklevel=2)
     if opts.seed is not None:
         mx.random.seed(opts.seed)
     steps = generate_step(
@@ -268,7 +377,8 @@ def _token_loop(
             if token in eos:
                 finish = "stop"
             else:
-                detokenizer.add_token(token)
+                if token < known:  # ids past the tokenizer (a padded lm_head) decode to nothing
+                    detokenizer.add_token(token)
                 if n == max_tokens:
                     finish = "length"
             if finish:
@@ -325,8 +435,6 @@ def stream_generate(
     """
     started = time.perf_counter()
     opts = Sampling.from_kwargs(**sampling)
-    if opts.max_tokens == 0:
-        raise ValueError("max_tokens must be positive (or -1 for no limit but the context window)")
     images = [as_image(x) for x in (images or [])]
     text = format_prompt(processor, prompt, len(images), raw=raw, system=system)
     pixels = processor.image_processor(images) if images else None
@@ -373,7 +481,7 @@ class ChatSession:
     def __init__(self, model, processor, system: Optional[str] = None, **sampling):
         self.model = model
         self.processor = processor
-        self.system = system
+        self.system = None if system is None else check_text("system", system)
         self.sampling = Sampling.from_kwargs(**sampling)
         self.reset()
 
@@ -392,7 +500,14 @@ class ChatSession:
         (closing the generator, e.g. on Ctrl-C) keeps the partial answer in the history."""
         started = time.perf_counter()
         opts = Sampling.from_kwargs(self.sampling, **sampling)
+        check_text("the question", text)
         images = [as_image(x) for x in images]
+        marks = text.count(self.processor.image_token)
+        if marks:
+            raise PromptError(
+                f"the question has {marks} `{self.processor.image_token}` marker(s) and {len(images)} image(s) "
+                f"come with it; the chat template places the images, so leave the marker out of the text"
+            )
         hashes = [image_hash(x) for x in images]
         new = {h: x for h, x in zip(hashes, images) if h not in self._features}
         pixels = self.processor.image_processor(list(new.values())) if new else None
@@ -501,8 +616,20 @@ class ChatSession:
             "tokens": json.dumps(self.tokens),
             "model": json.dumps(_model_signature(self.model)),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_prompt_cache(str(path), self.cache, metadata)
+        from .outputs import check_parent, write_errors
+
+        if os.path.lexists(path) and (os.path.islink(path) or not path.is_file()):
+            raise OutputError(f"cannot write {path}: it exists and is not a regular file")
+        check_parent(path)
+        tmp = path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp.safetensors")
+        try:
+            with write_errors(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_prompt_cache(str(tmp), self.cache, metadata)
+                os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
         return path
 
     @classmethod

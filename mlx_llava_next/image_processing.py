@@ -23,6 +23,8 @@ from .errors import CheckpointError, ImageError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+MAX_SIDE = 4096  # the largest size / crop_size a processor config may ask for
+MAX_PINPOINT_SIDE, MAX_PINPOINT_PIXELS = 8192, 4096 * 4096  # bounds the anyres canvas
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,6 +124,7 @@ def _array_to_hwc(array: np.ndarray, name: str) -> np.ndarray:
         array = np.moveaxis(array, 0, -1)
     elif array.shape[2] not in (1, 3, 4):
         raise ImageError(f"{name}: cannot find a channel axis of size 1, 3 or 4 in shape {array.shape}")
+    _check_pixel_limit((array.shape[1], array.shape[0]), name)  # before any copy (broadcast views, memmaps)
     if array.dtype != np.uint8:
         # Float input would be rescaled twice by transformers; only accept integers that fit uint8.
         if array.dtype.kind not in "ui" or array.size and (array.min() < 0 or array.max() > 255):
@@ -234,6 +237,29 @@ class ImageProcessor:
         self.resample = int(self.resample)
         self.image_mean = tuple(float(m) for m in np.broadcast_to(self.image_mean, (3,)))
         self.image_std = tuple(float(s) for s in np.broadcast_to(self.image_std, (3,)))
+        self._check()
+
+    def _check(self) -> None:
+        """ValueError naming the first field out of bounds (sizes bounded before any allocation)."""
+        sides = [("size", v) for v in self.size.values()] + [("crop_size", v) for v in self.crop_size.values()]
+        for key, side in sides:
+            if not 1 <= side <= MAX_SIDE:
+                raise ValueError(f"{key} {side} is out of bounds (1 to {MAX_SIDE} pixels)")
+        if not 1 <= len(self.image_grid_pinpoints) <= 256:
+            raise ValueError(f"image_grid_pinpoints must hold 1 to 256 [height, width] pairs, got {len(self.image_grid_pinpoints)}")
+        for h, w in self.image_grid_pinpoints:
+            if not (1 <= h <= MAX_PINPOINT_SIDE and 1 <= w <= MAX_PINPOINT_SIDE and h * w <= MAX_PINPOINT_PIXELS):
+                raise ValueError(f"image_grid_pinpoints entry {h}x{w} is out of bounds (sides 1 to {MAX_PINPOINT_SIDE}, "
+                                 f"at most {MAX_PINPOINT_PIXELS} pixels)")
+        if self.resample not in range(6):
+            raise ValueError(f"resample must be a PIL filter 0-5, got {self.resample}")
+        values = list(self.image_mean) + list(self.image_std) + [self.rescale_factor]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values) or 0 in self.image_std:
+            raise ValueError(f"image_mean, image_std and rescale_factor must be finite numbers (std non-zero), got "
+                             f"{self.image_mean}, {self.image_std}, {self.rescale_factor!r}")
+        for key in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"):
+            if not isinstance(getattr(self, key), (bool, int)):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
 
     @classmethod
     def from_dict(cls, config: dict) -> "ImageProcessor":
@@ -260,7 +286,7 @@ class ImageProcessor:
                 config = _read_json(file)
         try:
             return cls.from_dict(config)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as e:
             raise CheckpointError(f"{file}: invalid image processor config ({e})") from e
 
     @property
@@ -359,13 +385,9 @@ class ImageProcessor:
 
 
 def _read_json(file: Path) -> dict:
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: cannot read image processor config ({e})") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return config
+    from .checks import read_json_object
+
+    return read_json_object(file, "the image processor config")
 
 
 def _pad_patches(pixel_values: List[np.ndarray]) -> np.ndarray:

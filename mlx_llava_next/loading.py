@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import fastpath
+from .checks import read_json_object, safetensors_header
 from .config import LlavaNextConfig
 from .errors import CheckpointError
 from .model import Model
@@ -114,17 +115,14 @@ def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.exists():
         raise CheckpointError(f"{model_dir} has no config.json: not a model directory")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    return read_json_object(path)
 
 
 def weight_files(model_dir: Path):
     """The safetensors files of a checkpoint; with an index, every shard it names must exist."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(index_weight_map(index).values()))
         missing = [n for n in names if not (model_dir / n).exists()]
         if missing:
             raise CheckpointError(f"{model_dir}: shard(s) named in the index are missing: {', '.join(missing)}")
@@ -135,7 +133,19 @@ def weight_files(model_dir: Path):
     return files
 
 
+def index_weight_map(index: Path) -> Dict[str, str]:
+    """The index's tensor -> shard map, checked (shards are plain file names in the directory)."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map (tensor name -> shard file) in the index")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name.endswith(".safetensors") or os.path.basename(name) != name or name.startswith("."):
+            raise CheckpointError(f"{index}: weight_map[{key!r}] must name a .safetensors file in the directory, got {name!r}"[:300])
+    return weight_map
+
+
 def read_safetensors(path: Path) -> Dict[str, mx.array]:
+    safetensors_header(path)  # lengths and offsets against the file, before MLX maps it
     try:
         return mx.load(str(path))
     except Exception as e:  # mlx raises RuntimeError/ValueError on truncated or corrupt files
@@ -144,8 +154,16 @@ def read_safetensors(path: Path) -> Dict[str, mx.array]:
 
 def read_weights(model_dir: Path) -> Dict[str, mx.array]:
     weights = {}
+    index = model_dir / "model.safetensors.index.json"
+    weight_map = index_weight_map(index) if index.exists() else None
     for path in weight_files(model_dir):
-        weights.update(read_safetensors(path))
+        shard = read_safetensors(path)
+        for key in shard:
+            if key in weights:
+                raise CheckpointError(f"{model_dir}: tensor {key!r} is stored twice (in {path.name} and an earlier shard)")
+            if weight_map is not None and weight_map.get(key) != path.name:
+                raise CheckpointError(f"{path}: tensor {key!r} is not listed for this shard in {index.name}")
+        weights.update(shard)
     return weights
 
 
@@ -206,6 +224,9 @@ def cast(weights: Dict[str, mx.array], dtype: Optional[mx.Dtype]) -> Dict[str, m
 
 
 def load_model(model_dir, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Tuple[Model, dict]:
+    from .blas import warn_if_reference
+
+    warn_if_reference()  # once a process, on Linux without an optimized BLAS
     model_dir = Path(model_dir)
     raw_config = read_config(model_dir)
     config = LlavaNextConfig.from_dict(raw_config)
@@ -235,8 +256,16 @@ def load_tokenizer(model_dir: Path, raw_config: dict):
         raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({e})") from None
 
 
-def load(path_or_repo, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None, lazy: bool = False):
-    """(model, processor) from a Hub id, a local HF or converted MLX directory, or a GGUF pair."""
+def load(path_or_repo, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None, lazy: bool = False,
+         distributed: Optional[str] = None):
+    """(model, processor) from a Hub id, a local HF or converted MLX directory, or a GGUF pair.
+
+    distributed="tensor" | "pipeline": under mlx.launch, this rank's part of a split language model
+    (see distributed.py)."""
+    if distributed is not None:
+        from .distributed import load as load_split
+
+        return load_split(path_or_repo, distributed, dtype=dtype, revision=revision)
     path = resolve_model_path(path_or_repo, revision)
     if path.suffix == ".gguf" or (path.is_dir() and any(path.glob("*.gguf")) and not (path / "config.json").exists()):
         from .gguf_loading import load_gguf

@@ -152,7 +152,7 @@ def test_chat_through_a_pipe(tiny_checkpoint, image_file, tmp_path):
     ])
     rc, out, err = run_cli("chat", "--model", ck.path, "--image", image_file, "--max-tokens", 6, "--verbose",
                            input=script.encode())
-    assert rc == 0, err
+    assert rc == 1, err  # a script learns that some of its lines failed
     model, processor = ck.load()
     chat = ChatSession(model, processor, max_tokens=6)
     first = chat.ask(QUESTION, [load_image(image_file)])

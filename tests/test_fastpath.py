@@ -13,6 +13,11 @@ import pytest
 from mlx_llava_next import fastpath
 
 pytestmark = pytest.mark.skipif(not fastpath.available(), reason="native kernels not built (or not x86-64 Linux)")
+# Kernels that hand their GEMMs to the process's BLAS (loaded by blas.py) need one bound.
+needs_cblas = pytest.mark.skipif(
+    not (fastpath.available() and fastpath.sgemm_available()),
+    reason="no cblas_sgemm in the process (no OpenBLAS/BLIS found; see mlx_llava_next/blas.py)",
+)
 
 # float32 accumulation over K terms ends within a few eps * sqrt(K)-ish of the exact value;
 # 1e-6 of |x|@|W|^T is ~8 eps and several times what either implementation shows.
@@ -186,6 +191,7 @@ def causal_attention64(q, k, v, scale):
 
 # (heads, kv heads, cached tokens before the chunk, chunk length, head dim); 300+ queries
 # cross the kernel's 256-query blocks
+@needs_cblas
 @pytest.mark.parametrize("heads, kv_heads, cached, length, dim",
                          [(32, 8, 0, 300, 128), (14, 2, 50, 37, 64), (8, 1, 7, 513, 80), (4, 4, 0, 2, 64)])
 def test_causal_prompt_attention_matches_float64_and_mlx(heads, kv_heads, cached, length, dim):
@@ -282,6 +288,7 @@ def test_quick_gelu_matches_float64_and_mlx():
     assert np.allclose(np.asarray(nn.gelu_fast_approx(mx.array(x))), exact, rtol=2e-6, atol=1e-30)
 
 
+@needs_cblas
 def test_prefill_tiles_cover_every_row():
     w, s, b = quantized(1000, 384, 64, 4)  # 1000 rows: 3 full 256-row tiles and a partial one
     W = exact_weight(w, s, b, 64, 4)

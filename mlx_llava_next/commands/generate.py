@@ -11,7 +11,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ..errors import CheckpointError, LlavaNextError
+from ..errors import CheckpointError, LlavaNextError, OutputError
 from .common import DEFAULT_MODEL, user_errors
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +39,8 @@ RepetitionOpt = Annotated[Optional[float], typer.Option("--repetition-penalty", 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed for reproducible sampling.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print speed and memory stats to stderr.")]
+DistributedOpt = Annotated[Optional[str], typer.Option(
+    "--distributed", help="Split the language model over the ranks of mlx.launch: tensor or pipeline (qwen2).")]
 
 
 def resolve_model_arg(name: str) -> str:
@@ -139,15 +141,24 @@ def generate_command(
     stop: Annotated[Optional[List[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, tokens, finish_reason, stats.")] = False,
     verbose: VerboseOpt = False,
+    distributed: DistributedOpt = None,
 ):
     """Answer one prompt about the images, streamed to stdout.
 
     Example: python cli.py generate --image scan.png --prompt "What is the date on this letter?"
     """
-    from ..generate import stream_generate
-
     opts = sampling_options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop)
     with user_errors():
+        from ..generate import Sampling, check_text, stream_generate
+
+        Sampling.from_kwargs(**opts)  # bad options fail before the model loads
+        check_text("--prompt", prompt)
+        if system is not None:
+            check_text("--system", system)
+        if distributed is not None:  # rank 0 reads the images and prints (commands/distributed.py)
+            from . import distributed as split
+
+            return split.generate(distributed, model, prompt, image or [], system, raw, opts, as_json, verbose)
         images = [_checked_image(p) for p in image or []]
         m, processor = load_model(model)
         reader = line_reader(model) if images else None
@@ -196,17 +207,25 @@ def chat_command(
     seed: SeedOpt = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a session saved with /save FILE.safetensors.")] = None,
     verbose: VerboseOpt = False,
+    distributed: DistributedOpt = None,
 ):
     """Chat about images: answers stream as they are generated; follow-ups reuse the cache.
 
     Example: python cli.py chat --image scan.png
     Reads one question per line from stdin when it is not a terminal.
     """
-    from ..generate import ChatSession
-
     interactive = sys.stdin.isatty()
     opts = sampling_options(max_tokens, temp, top_p, seed=seed)
     with user_errors():
+        from ..generate import ChatSession, Sampling, check_text
+
+        Sampling.from_kwargs(**opts)  # bad options fail before the model loads
+        if system is not None:
+            check_text("--system", system)
+        if distributed is not None:  # rank 0 reads stdin and prints (commands/distributed.py)
+            from . import distributed as split
+
+            return split.chat(distributed, model, image or [], system, resume, opts, verbose)
         pending = [(p, _checked_image(p)) for p in image or []]
         if interactive:
             typer.echo(f"loading {model} ...", err=True)
@@ -220,6 +239,7 @@ def chat_command(
         import readline  # noqa: F401  (line editing and history for input())
 
         typer.echo("type a question, /help for commands", err=True)
+    failed = 0
     while True:
         line = _read_line(interactive)
         if line is None:
@@ -228,14 +248,19 @@ def chat_command(
         if not line:
             continue
         if line.startswith("/"):
-            if _chat_command(line, session, pending) == "exit":
+            outcome = _chat_command(line, session, pending)
+            if outcome == "exit":
                 break
+            failed += outcome == "error"
             continue
         if pending and reader is not None:  # a line reader transcribes each image; the question is not used
             print(read_lines(m, processor, reader, [img for _, img in pending]), flush=True)
         else:
-            _answer(session, line, pending, verbose)
+            failed += not _answer(session, line, pending, verbose)
         pending.clear()
+    if failed and not interactive:  # a script sees that some of its questions failed
+        typer.echo(f"chat: {failed} error(s)", err=True)
+        raise typer.Exit(1)
 
 
 def _read_line(interactive: bool) -> Optional[str]:
@@ -275,8 +300,9 @@ def _chat_command(line: str, session, pending: list) -> Optional[str]:
             if arg.endswith(".safetensors"):
                 written = session.save(arg)
             else:
-                written = Path(arg)
-                written.write_text(session.transcript())
+                from ..outputs import write_text_atomic
+
+                written = write_text_atomic(arg, session.transcript())
             typer.echo(f"[saved {written}]", err=True)
         elif name == "/help":
             typer.echo(CHAT_HELP, err=True)
@@ -284,10 +310,12 @@ def _chat_command(line: str, session, pending: list) -> Optional[str]:
             raise LlavaNextError(f"unknown command {name} (try /help)")
     except (LlavaNextError, OSError) as e:
         typer.echo(f"error: {_one_line(e)}", err=True)
+        return "error"
     return None
 
 
-def _answer(session, question: str, pending: list, verbose: bool) -> None:
+def _answer(session, question: str, pending: list, verbose: bool) -> bool:
+    """Stream one answer; False if it failed (the error is printed)."""
     last = None
     with StopOnCtrlC() as ctrl_c:
         responses = session.stream(question, [img for _, img in pending])
@@ -298,7 +326,7 @@ def _answer(session, question: str, pending: list, verbose: bool) -> None:
                     break
         except LlavaNextError as e:
             typer.echo(f"error: {_one_line(e)}", err=True)
-            return
+            return False
         finally:
             responses.close()  # records the (possibly partial) answer in the session
     print()
@@ -306,6 +334,7 @@ def _answer(session, question: str, pending: list, verbose: bool) -> None:
         typer.echo("[stopped]", err=True)
     if verbose and last is not None:
         typer.echo(stats_line(last), err=True)
+    return True
 
 
 def _one_line(e: BaseException) -> str:
@@ -317,65 +346,7 @@ def _one_line(e: BaseException) -> str:
 # -- ocr ----------------------------------------------------------------------------------
 
 
-def ocr_command(
-    paths: Annotated[List[Path], typer.Argument(help="Image files or folders of images.")],
-    model: ModelOpt = DEFAULT_MODEL,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the .txt files here instead of beside the images.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Redo images that already have a .txt file.")] = False,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Override the OCR instruction.")] = None,
-    max_tokens: MaxTokensOpt = 1024,
-):
-    """Transcribe images to text: writes <name>.txt beside each image (or into --out).
-
-    Example: python cli.py ocr scans/ --out texts/
-    """
-    from ..chat_templates import family
-    from ..generate import generate
-    from convert.common import progress
-
-    errors: List[str] = []
-    files = _image_files(paths, errors)
-    jobs, skipped, targets = [], 0, {}
-    for f in files:
-        target = (out or f.parent) / f"{f.stem}.txt"
-        if target in targets:
-            errors.append(f"{f}: its output {target} is also the output of {targets[target]}; OCR them separately")
-            continue
-        targets[target] = f
-        if target.exists() and not force:
-            skipped += 1
-        else:
-            jobs.append((f, target))
-    written = 0
-    if jobs:
-        with user_errors():
-            m, processor = load_model(model)
-            reader = line_reader(model)
-        instruction = prompt or OCR_PROMPTS.get(family(m.config, processor.hf_tokenizer), OCR_PROMPTS["default"])
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-        for f, target in progress(jobs, total=len(jobs), description="OCR"):
-            try:
-                if reader is not None:
-                    text = read_lines(m, processor, reader, [_checked_image(f)])
-                else:
-                    text = generate(m, processor, instruction, images=[f], max_tokens=max_tokens).text
-            except LlavaNextError as e:
-                message = _one_line(e)
-                errors.append(message if message.startswith(str(f)) else f"{f}: {message}")
-                continue
-            _write_atomic(target, text.strip() + "\n")
-            written += 1
-    for message in errors:
-        typer.echo(f"error: {message}", err=True)
-    summary = f"ocr: {written} written, {skipped} skipped"
-    if skipped:
-        summary += " (already done; --force redoes them)"
-    if errors:
-        summary += f", {len(errors)} failed"
-    typer.echo(summary, err=True)
-    if errors:
-        raise typer.Exit(1)
+# `ocr` itself is in commands/ocr.py (documents: PDFs, page layout, formats, resumable runs).
 
 
 def _image_files(paths: List[Path], errors: List[str]) -> List[Path]:
@@ -391,12 +362,6 @@ def _image_files(paths: List[Path], errors: List[str]) -> List[Path]:
         else:
             errors.append(f"{path}: file not found")
     return files
-
-
-def _write_atomic(target: Path, text: str) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
 
 
 # -- info ---------------------------------------------------------------------------------
@@ -451,6 +416,9 @@ def describe(path: Path) -> dict:
     from ..config import LlavaNextConfig
     from ..loading import MLX_FORMAT_KEY, load_tokenizer, read_config, weight_files
 
+    if path.suffix == ".gguf" or (path.is_dir() and any(path.glob("*.gguf")) and not (path / "config.json").exists()):
+        raise CheckpointError(f"{path}: info reads HF and converted MLX directories, not GGUF (a GGUF pair loads "
+                              f"with --model in chat/generate/ocr; llama.cpp's gguf-dump describes it)")
     if not path.is_dir():
         raise CheckpointError(f"{path}: info reads model directories (HF or converted MLX), not single files")
     raw = read_config(path)
@@ -474,13 +442,25 @@ def describe(path: Path) -> dict:
         },
         "parameters": counts,
         "dtype": dtypes.most_common(1)[0][0] if dtypes else "unknown",
-        "quantization": (
-            f"{quant['bits']}-bit {quant.get('mode', 'affine')}, group size {quant['group_size']}" if quant else None
-        ),
+        "quantization": _describe_quantization(quant),
         "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         "chat_template": _template_source(path, config, load_tokenizer, raw),
         "image_grid_pinpoints": config.image_grid_pinpoints,
     }
+
+
+def _describe_quantization(quant: Optional[dict]) -> Optional[str]:
+    """'4-bit affine, group size 64', or for a mixed recipe every bit width with its layer count."""
+    if not quant:
+        return None
+    layers = [v for v in quant.values() if isinstance(v, dict) and "bits" in v]
+    text = f"{quant['bits']}-bit {quant.get('mode', 'affine')}, group size {quant['group_size']}"
+    if not layers:
+        return text
+    widths = Counter(f"{v['bits']}-bit" + (f" group {v['group_size']}" if v.get("group_size") != quant["group_size"] else "")
+                     for v in layers)
+    other = ", ".join(f"{n} layer(s) {width}" for width, n in sorted(widths.items()))
+    return f"mixed: {text} by default; {other}"
 
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -510,9 +490,9 @@ def _count_parameters(files, quant: Optional[dict]):
         n = 1
         for d in meta["shape"]:
             n *= d
-        if module in quantized:
-            if leaf in ("scales", "biases"):
-                continue
+        if module in quantized and leaf in ("scales", "biases"):
+            continue
+        if module in quantized and leaf == "weight":  # packed uint32: 32 / bits weights each
             layer = (quant or {}).get(module)
             bits = layer.get("bits") if isinstance(layer, dict) else (quant or {}).get("bits", 4)
             n = n * 32 // bits
@@ -548,5 +528,7 @@ def _template_source(path: Path, config, load_tokenizer, raw: dict) -> str:
 def register(app: typer.Typer) -> None:
     app.command("chat")(chat_command)
     app.command("generate")(generate_command)
+    from .ocr import ocr_command
+
     app.command("ocr")(ocr_command)
     app.command("info")(info_command)
