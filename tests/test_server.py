@@ -345,6 +345,7 @@ BAD_REQUESTS = {
     "bomb image": ({"messages": [user("hi", b64(bomb_png()))]}, 400, "messages[0].content[1].image_url"),
     "marker mismatch": ({"messages": [user("compare <image> with this", data_uri(GOOD_IMAGE))]}, 400, "messages"),
     "prompt too long": ({"messages": [user("word " * 5000)]}, 400, "messages"),
+    "lone surrogate": (b'{"messages": [{"role": "user", "content": "bad \\ud800 text"}]}', 400, "messages[0].content"),
     "too many images": ({"messages": [user("hi", *["data:image/png;base64,AAAA"] * 17)]}, 400, "messages"),
     "unknown scheme": ({"messages": [user("hi", "ftp://example.com/a.png")]}, 400, "messages[0].content[1].image_url"),
 }

@@ -1,5 +1,6 @@
 """One model behind one worker thread: a bounded request queue, a prompt (KV) cache and an image-feature cache."""
 
+import dataclasses
 import queue
 import threading
 import time
@@ -29,7 +30,7 @@ class Prepared:
 @dataclass
 class Job:
     prepared: Prepared
-    sampling: Dict[str, Any]
+    sampling: Any  # mlx_llava_next.generate.Sampling
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     events: "queue.Queue" = field(default_factory=queue.Queue)  # ("token", response) / ("done", None) / ("error", e)
@@ -113,14 +114,21 @@ class Engine:
         return Prepared(request, ids, key, list(images), hashes, sizes)
 
     def submit(self, prepared: Prepared) -> Job:
+        """Queue a request (ApiError 429 when the queue is full, 400 for options generation refuses)."""
+        from ..errors import LlavaNextError
+        from ..generate import Sampling
+
         r = prepared.request
-        sampling = dict(
-            max_tokens=r.max_tokens or self.default_max_tokens,
-            temperature=0.0 if r.temperature is None else float(r.temperature),
-            top_p=0.0 if r.top_p is None else float(r.top_p),
-            seed=None if r.seed is None else r.seed & 0xFFFFFFFF,
-            stop=r.stop,
-        )
+        try:
+            sampling = Sampling.from_kwargs(
+                max_tokens=r.max_tokens or self.default_max_tokens,
+                temperature=0.0 if r.temperature is None else float(r.temperature),
+                top_p=0.0 if r.top_p is None else float(r.top_p),
+                seed=None if r.seed is None else r.seed & 0xFFFFFFFF,
+                stop=r.stop,
+            )
+        except (LlavaNextError, TypeError, ValueError) as e:
+            raise ApiError(400, str(e), code="invalid_request") from None
         job = Job(prepared, sampling)
         try:
             self._queue.put_nowait(job)
@@ -162,7 +170,7 @@ class Engine:
     def _generate(self, job: Job) -> None:
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-        from ..generate import Sampling, _embed, _token_loop, context_length
+        from ..generate import _embed, _token_loop, context_length
 
         p = job.prepared
         cache, rest = self.prompt_cache.fetch_nearest_cache(CACHE_KEY, p.key)
@@ -180,7 +188,7 @@ class Engine:
         embeddings = _embed(self.model, p.ids[keep:], features)
         # An answer may use what the context window leaves (as a request without max_tokens expects).
         room = max(1, context_length(self.model) - len(p.ids))
-        opts = Sampling.from_kwargs(**{**job.sampling, "max_tokens": min(job.sampling["max_tokens"], room)})
+        opts = dataclasses.replace(job.sampling, max_tokens=min(job.sampling.max_tokens, room))
         generated: List[int] = []
         ok = False
         try:

@@ -74,9 +74,19 @@ def _number(body, name, lo, hi, integer=False):
     return value
 
 
+def _text(value, param: str) -> str:
+    if not isinstance(value, str):
+        raise bad(f"`{param}` must be a string", param=param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"`{param}` is not valid Unicode (a lone surrogate escape)", param=param) from None
+    return value
+
+
 def _parts(content, where: str, role: str, images: List[ImageRef]) -> List[Dict[str, Any]]:
     if isinstance(content, str):
-        return [{"type": "text", "text": content}]
+        return [{"type": "text", "text": _text(content, f"{where}.content")}]
     if content is None and role == "assistant":
         return [{"type": "text", "text": ""}]
     if not isinstance(content, list):
@@ -86,9 +96,7 @@ def _parts(content, where: str, role: str, images: List[ImageRef]) -> List[Dict[
         at = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise bad(f"`{at}.text` must be a string", param=f"{at}.text")
-            parts.append({"type": "text", "text": part["text"]})
+            parts.append({"type": "text", "text": _text(part.get("text"), f"{at}.text")})
         elif kind == "image_url":
             if role != "user":
                 raise bad(f"`{at}`: images are only accepted in user messages", param=at)
@@ -148,9 +156,9 @@ def parse_chat_request(body: Dict[str, Any]) -> ChatRequest:
     if stop is None:
         stop = ()
     elif isinstance(stop, str):
-        stop = (stop,)
+        stop = (_text(stop, "stop"),)
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
-        stop = tuple(stop)
+        stop = tuple(_text(s, "stop") for s in stop)
     else:
         raise bad("`stop` must be a string or a list of at most 16 strings", param="stop")
     stream = body.get("stream", False)
