@@ -241,6 +241,35 @@ def test_sampling_parameters(ck, server):
     assert reply.usage.completion_tokens == 4 and reply.choices[0].finish_reason == "length"
 
 
+def test_cache_memory_is_bounded(served_model):
+    from mlx_llava_next.server.engine import FeatureCache
+
+    def conversation(client, seed):
+        first = [user(QUESTION, data_uri(random_image(60, 90, seed=seed)))]
+        answer = client.chat.completions.create(model="x", messages=first, max_tokens=4).choices[0].message.content
+        follow = first + [{"role": "assistant", "content": answer}, user("More?")]
+        return client.chat.completions.create(model="x", messages=follow, max_tokens=4).usage.prompt_tokens_details.cached_tokens
+
+    small = Running(*served_model, cache_entries=2)
+    try:
+        client = small.client()
+        assert [conversation(client, seed) > 0 for seed in (20, 21, 22)] == [True] * 3
+        assert len(small.engine.prompt_cache) == 2  # the oldest conversation was dropped
+    finally:
+        small.close()
+    no_room = Running(*served_model, cache_mb=0)  # a byte budget of 0 keeps nothing
+    try:
+        assert conversation(no_room.client(), 23) == 0 and len(no_room.engine.prompt_cache) == 0
+    finally:
+        no_room.close()
+    import mlx.core as mx
+
+    features = FeatureCache(max_entries=3, max_bytes=1000)
+    for i in range(5):
+        features.put(str(i), mx.zeros((100,), dtype=mx.float32))  # 400 bytes each
+    assert len(features) == 2 and features.nbytes == 800 and features.get("4") is not None and features.get("0") is None
+
+
 # -- 2. load: concurrent streams, disconnects ----------------------------------------------
 
 
