@@ -164,6 +164,10 @@ class Engine:
                 job.events.put(("error", e))
             finally:
                 job.finished = time.perf_counter()
+                job.prepared.images = []  # the decoded images are not needed any more
+                if job.cancelled.is_set():  # nobody will read what is left (tokens hold logprobs)
+                    while not job.events.empty():
+                        job.events.get_nowait()
                 self.busy = None
                 self.finished = self.finished[-31:] + [job]
 
