@@ -85,7 +85,7 @@ class Engine:
         self._stopping = threading.Event()
         self._prepare_lock = threading.Lock()  # the HF tokenizer is not safe to share between threads
         self.busy: Optional[Job] = None
-        self.finished: List[Job] = []  # the last few finished jobs (for /health and tests)
+        self.finished: List[Job] = []  # the last few finished jobs, for inspection (the tests read them)
         self._worker = threading.Thread(target=self._run, name="llava-engine", daemon=True)
         self._worker.start()
 
