@@ -23,7 +23,7 @@ from mlx_llava_next.image_processing import ImageProcessor
 from mlx_llava_next.model import Model
 
 from . import memory
-from .shapes import PROMPT_HEAD, PROMPT_TAIL, prompt_ids, test_image
+from .shapes import PROMPT_HEAD, PROMPT_TAIL, kv_cache_bytes, prompt_ids, test_image  # noqa: F401
 
 
 def build_model(config: dict, bits: int = 4, group_size: int = 64, seed: int = 0) -> Model:
@@ -57,13 +57,6 @@ def weight_bytes(model: Model) -> dict:
     text = parameter_bytes(model.language_model)
     embedding = parameter_bytes(model.language_model.model.embed_tokens)
     return {"weights_bytes": parameter_bytes(model), "decode_read_bytes": text - embedding}
-
-
-def kv_cache_bytes(config: dict, tokens: int, dtype_bytes: int = 4) -> int:
-    """mlx-lm's KVCache keeps keys and values in the activation dtype (float32 on the CPU)."""
-    text = LlavaNextConfig.from_dict(config).text_config
-    per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * text["head_dim"] * dtype_bytes
-    return per_token * tokens
 
 
 def prefill(model: Model, embeddings: mx.array, cache, step: int) -> mx.array:

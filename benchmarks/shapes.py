@@ -44,6 +44,14 @@ PROMPT_HEAD = [1, 733, 16289, 28793, 28705]
 PROMPT_TAIL = [13, 3195, 349, 4894, 297, 456, 3469, 28804, 733, 28748, 16289, 28793]
 
 
+# The parent's machine probes (read bandwidth, float32 GEMM), sized so a tiny run takes seconds:
+# a 1 GB buffer and a 1024x4096x4096 GEMM took ~15 s a round on a busy 2-core machine; a tiny model's limits are moot.
+PROBES = {
+    "mistral-7b": {"bandwidth_bytes": 1 << 30, "gemm_mnk": (1024, 4096, 4096)},
+    "tiny": {"bandwidth_bytes": 1 << 27, "gemm_mnk": (256, 1024, 1024)},
+}
+
+
 def config(shape: str) -> dict:
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r} (choose from {', '.join(SHAPES)})")
@@ -63,3 +71,12 @@ def test_image():
     y, x = np.mgrid[0:h, 0:w]
     rgb = np.stack([(x * 255 // w), (y * 255 // h), ((x // 24 + y // 24) % 2) * 200 + 20], axis=-1)
     return Image.fromarray(rgb.astype(np.uint8))
+
+
+def kv_cache_bytes(config: dict, tokens: int, dtype_bytes: int = 4) -> int:
+    """mlx-lm's KVCache keeps keys and values in the activation dtype (float32 on the CPU)."""
+    from mlx_llava_next.config import LlavaNextConfig  # light: no mlx
+
+    text = LlavaNextConfig.from_dict(config).text_config
+    per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * text["head_dim"] * dtype_bytes
+    return per_token * tokens
