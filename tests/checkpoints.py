@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -99,8 +100,9 @@ def build_tokenizer(kind: str):
     return tok
 
 
-def build_reference(name: str, seed: int = 0):
-    """(transformers model in float32 eval mode, tokenizer, LlavaNextConfig)."""
+def build_reference(name: str, seed: int = 0, text_overrides: Optional[dict] = None):
+    """(transformers model in float32 eval mode, tokenizer, LlavaNextConfig); text_overrides
+    change the text config (e.g. a wider model whose decoder weights dominate its size)."""
     import torch
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
@@ -110,6 +112,7 @@ def build_reference(name: str, seed: int = 0):
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=vocab,
                 max_position_embeddings=4096, rms_norm_eps=1e-5)
     text.update(text_extra)
+    text.update(text_overrides or {})
     if tok_kind == "spm":
         text.update(bos_token_id=1, eos_token_id=2, pad_token_id=tok.pad_token_id)
     tile, pinpoints = geometry(name)
@@ -160,11 +163,12 @@ def hub_layout(state_dict: dict) -> dict:
     return out
 
 
-def save_checkpoint(name: str, out_dir, layout: str = "hub", shards: int = 2, seed: int = 0):
+def save_checkpoint(name: str, out_dir, layout: str = "hub", shards: int = 2, seed: int = 0,
+                    text_overrides: Optional[dict] = None):
     """Write a tiny checkpoint directory; layout in {"hub", "save_pretrained", "in_memory"}."""
     from safetensors.torch import save_file
 
-    model, tok, config = build_reference(name, seed)
+    model, tok, config = build_reference(name, seed, text_overrides)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     processor = build_processor(tok, BACKBONES[name][2], *geometry(name))
