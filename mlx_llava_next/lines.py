@@ -206,11 +206,14 @@ def normalize_line(g: np.ndarray, mask: np.ndarray, paper: float, s: ReaderSetti
     # vertical: baseline to s.baseline; horizontal: first the same scale
     x0, x1 = int(cols_any[0]), int(cols_any[-1]) + 1
     columns = mask[:, x0:x1].sum(axis=0).astype(np.float64)
-    pitch = char_pitch(columns, s.char_width / scale)
-    if pitch is not None and abs(pitch * scale / s.char_width - 1) < 0.2:
+    expected = s.char_width / scale
+    # short lines have too few gaps to fit a grid reliably: they keep the cap-height scale
+    pitch = char_pitch(columns, expected) if (x1 - x0) >= 10 * expected else None
+    if pitch is not None and abs(pitch / expected - 1) < 0.2:
         sx = s.char_width / pitch
         phase = grid_phase(columns, pitch)
-        start = x0 + phase - pitch * (1 if phase > 0.5 * pitch else 0)
+        # the last cell boundary at or just inside the first ink column (never cut a glyph in half)
+        start = x0 + phase - (pitch if phase > 0.15 * pitch else 0.0)
         mono = True
     else:
         sx = scale

@@ -77,3 +77,20 @@ def test_training_resumes_deterministically(tmp_path):
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
     before = mx.load(str(tmp_path / "a" / "glyph_head.safetensors"))
     assert before  # the head is trained and saved beside the model, not in it
+
+
+def test_line_splitting_finds_every_rendered_line():
+    """Ink projection cuts blocks of the contract (2-6 lines, 16-36 px, rotation <= 1.5 deg) into
+    as many lines as were rendered, in every font."""
+    from mlx_llava_next import lines
+    from train import data, export
+
+    settings = lines.ReaderSettings.from_dict(export.READER)
+    rng = np.random.default_rng(4242)
+    for font in ("mono", "sans", "serif", "pillow"):
+        for _ in range(3):
+            image, text, _ = data.heldout_sample(rng, "block", font)
+            found = lines.split_lines(image, settings)
+            assert len(found) == text.count("\n") + 1
+            assert all(c.image.height == settings.line_height and c.image.width in settings.widths
+                       for crops in found for c in crops)

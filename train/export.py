@@ -137,7 +137,7 @@ def hub_weights(weights: dict, config: dict) -> dict:
     return out
 
 
-def export(weights: dict, out_dir, readme: str = "") -> Path:
+def export(weights: dict, out_dir, readme: str = "", dtype: str = "float32") -> Path:
     """Write the directory atomically (temp dir, then rename over the old one)."""
     import mlx.core as mx
 
@@ -145,8 +145,9 @@ def export(weights: dict, out_dir, readme: str = "") -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     config = model_config()
+    config["torch_dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    tensors = {k: v.astype(mx.float32) for k, v in hub_weights(weights, config).items()}
+    tensors = {k: v.astype(getattr(mx, dtype)) for k, v in hub_weights(weights, config).items()}
     mx.save_safetensors(str(tmp / "model.safetensors"), tensors, metadata={"format": "pt"})
     write_tokenizer(tmp)
     write_processor_files(tmp)
@@ -168,11 +169,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("checkpoint", help="a training checkpoint directory (train/train.py --out)")
     p.add_argument("--out", default="models/demo")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="storage dtype (float16 halves the committed file; the runtime computes in float32)")
     args = p.parse_args()
     ckpt = Path(args.checkpoint)
     weights = {k: v for k, v in mx.load(str(ckpt / "model.safetensors")).items()}
     readme = (ckpt / "MODEL_CARD.md").read_text() if (ckpt / "MODEL_CARD.md").exists() else ""
-    print(export(weights, args.out, readme))
+    print(export(weights, args.out, readme, args.dtype))
 
 
 if __name__ == "__main__":
