@@ -436,6 +436,7 @@ def test_default_bind_is_localhost(served_model):
         running.close()
 
 
+@pytest.mark.slow  # a second Python process loading everything (~5 s, more on a busy machine)
 def test_cli_serve_binds_localhost_and_stops_on_ctrl_c(ck, tmp_path):
     import signal
 
