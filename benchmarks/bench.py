@@ -19,6 +19,9 @@ from typing import Dict, List, Optional
 from . import memory
 
 RUNTIMES = ("ours", "llama.cpp", "transformers")
+# the /proc/cpuinfo flags that decide which kernels can run (ours, OpenBLAS's, llama.cpp's)
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "amx_bf16", "amx_int8")
 KEYS = ("vision_s", "prefill_tps", "ttft_s", "decode_tps", "peak_rss_bytes")
 
 
@@ -88,8 +91,11 @@ def machine_info() -> dict:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and "cpu" not in info:
                     info["cpu"] = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    info["cpu_flags"] = [flag for flag in SIMD_FLAGS if flag in present]
                     break
     except OSError:
         pass
@@ -101,6 +107,15 @@ def machine_info() -> dict:
     from mlx_llava_next import blas
 
     info["blas"] = blas.loaded
+    if blas.loaded:
+        import ctypes
+
+        try:  # OpenBLAS picks its kernels for the CPU at run time (e.g. Haswell: AVX2, Cooperlake: AVX-512 BF16)
+            corename = ctypes.CDLL(blas.loaded).openblas_get_corename
+            corename.restype = ctypes.c_char_p
+            info["blas_core"] = corename().decode()
+        except (OSError, AttributeError):
+            pass
     return info
 
 
@@ -290,8 +305,13 @@ def table(result: dict) -> str:
         notes.append(f"prompt: {ours['prompt_tokens']} tokens ({ours['image_tokens']} image tokens, 672x672 image); "
                      f"prefill in chunks of {ours['prefill_step']}; decode: {ours['decode_tokens']} tokens, greedy")
     notes.append(f"machine: {m.get('cpu', '?')}, {m.get('cpus', '?')} CPUs, "
-                 f"{(m.get('memory_bytes') or 0) / 2**30:.0f} GiB RAM, BLAS {m.get('blas')}, "
+                 f"{(m.get('memory_bytes') or 0) / 2**30:.0f} GiB RAM, BLAS {m.get('blas')}"
+                 + (f" ({m['blas_core']} kernels)" if m.get("blas_core") else "") + ", "
                  f"load average {', '.join(f'{x:.1f}' for x in m.get('load_average', ()))}")
+    if m.get("cpu_flags") is not None:
+        simd = (ours or {}).get("fastpath", {}).get("simd") if ours else None
+        notes.append(f"CPU flags: {' '.join(m['cpu_flags']) or 'none of ' + ' '.join(SIMD_FLAGS)}"
+                     + (f"; our kernels ran their {simd} path" if simd else ""))
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 

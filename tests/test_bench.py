@@ -3,6 +3,7 @@ export llama-bench reads (checked with gguf-py), the transformers worker, the ta
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,16 @@ def test_bad_options_are_one_line_errors(args, needle):
     assert result.exit_code == 1
     lines = [line for line in result.output.strip().splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+
+
+@pytest.mark.skipif(not shutil.which("lscpu"), reason="no lscpu to compare with")
+def test_machine_info_names_the_cpu_flags_lscpu_reports():
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}).stdout
+    flags = set(next(line for line in lscpu.splitlines() if line.startswith("Flags:")).split(":", 1)[1].split())
+    machine = bench.machine_info()
+    assert machine["cpu_flags"] == [f for f in bench.SIMD_FLAGS if f in flags]
+    result = {"shape": "tiny", "bits": 4, "group_size": 64, "machine": machine, "limits": None,
+              "ours": {**dict.fromkeys(HEADLINE), "error": "x", "fastpath": {"simd": "avx2+fma"}},
+              "llama.cpp": None, "transformers": None}
+    note = next(line for line in bench.table(result).splitlines() if line.startswith("- CPU flags:"))
+    assert note.startswith("- CPU flags: " + " ".join(machine["cpu_flags"])) and "avx2+fma path" in note
