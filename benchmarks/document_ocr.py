@@ -1,0 +1,169 @@
+"""Document OCR measured: letter-size pages rendered to PDF (150 and 300 dpi, 10-12 pt), CER and seconds per page
+of `--layout whole` vs `bands`, and the model's CER on the same text as single lines.
+
+    python -m benchmarks.document_ocr --model demo --pages 2 --json benchmarks/results/document_ocr.json
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+MONO = "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf"
+WORDS = ("invoice total paid order number date account balance office street north river market lamp "
+         "window garden paper ledger copy page print scan line table chair model train value price due").split()
+LETTER_IN = (8.5, 11.0)
+MARGIN_IN = 1.0
+
+
+def page_font(pt: float, dpi: int):
+    px = max(6, round(pt * dpi / 72))
+    try:
+        return ImageFont.truetype(MONO, px)
+    except OSError:
+        return ImageFont.load_default(size=px)
+
+
+def random_line(rng: np.random.Generator, max_chars: int) -> str:
+    """Words, numbers, prices and dates, as in a printed page (ASCII)."""
+    parts: List[str] = []
+    limit = int(rng.integers(max_chars // 2, max_chars + 1))
+    while True:
+        kind = rng.integers(0, 6)
+        if kind == 0:
+            w = f"{rng.integers(1, 9999)}"
+        elif kind == 1:
+            w = f"${rng.integers(1, 999)}.{rng.integers(0, 100):02d}"
+        elif kind == 2:
+            w = f"{rng.integers(2000, 2030)}-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}"
+        else:
+            w = str(rng.choice(WORDS))
+            if rng.random() < 0.2:
+                w = w.capitalize()
+            if rng.random() < 0.1:
+                w += str(rng.choice([",", ".", ":", ";"]))
+        if len(" ".join(parts + [w])) > limit:
+            break
+        parts.append(w)
+    return " ".join(parts) or "x"
+
+
+def letter_page(lines: Sequence[str], dpi: int, pt: float = 11.0, leading: float = 1.25) -> Image.Image:
+    """A white letter-size page at `dpi` with `lines` set in DejaVu Sans Mono from the 1-inch margin."""
+    w, h = round(LETTER_IN[0] * dpi), round(LETTER_IN[1] * dpi)
+    page = Image.new("L", (w, h), 255)
+    draw = ImageDraw.Draw(page)
+    font = page_font(pt, dpi)
+    y = MARGIN_IN * dpi
+    step = pt * leading * dpi / 72
+    for line in lines:
+        draw.text((MARGIN_IN * dpi, y), line, fill=0, font=font)
+        y += step
+    return page.convert("RGB")
+
+
+def document(n_pages: int, lines_per_page: int, dpi: int, pt: float = 11.0, seed: int = 0,
+             max_chars: int = 60) -> Tuple[List[Image.Image], List[str]]:
+    """(page images, the text of each page): the oracle is the text that was drawn."""
+    rng = np.random.default_rng([seed, dpi, int(pt * 10)])
+    images, texts = [], []
+    for _ in range(n_pages):
+        lines = [random_line(rng, max_chars) for _ in range(lines_per_page)]
+        images.append(letter_page(lines, dpi, pt))
+        texts.append("\n".join(lines))
+    return images, texts
+
+
+def save_pdf(path, images: Sequence[Image.Image], dpi: int) -> Path:
+    """A multi-page PDF of the images, each page sized so it prints at `dpi` (Pillow's PDF writer)."""
+    images[0].save(path, save_all=True, append_images=list(images[1:]), resolution=float(dpi))
+    return Path(path)
+
+
+def edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def cer(reference: str, hypothesis: str) -> float:
+    """Character error rate over the lines (whitespace runs collapsed, line breaks kept)."""
+    norm = lambda s: "\n".join(" ".join(l.split()) for l in s.strip().splitlines() if l.strip())
+    ref, hyp = norm(reference), norm(hypothesis)
+    return edit_distance(ref, hyp) / max(1, len(ref))
+
+
+def single_line_cer(model, processor, reader, texts: Sequence[str], dpi: int, pt: float) -> float:
+    """The model's CER on the same lines, each rendered alone (a line image cut from a page at the same
+    resolution), through the ordinary `ocr` path for one image."""
+    from mlx_llava_next.documents.layout import Geometry, read_page
+    from mlx_llava_next.documents.engine import PageReader
+
+    pr = PageReader(model, processor, reader, layout="whole")
+    errors = chars = 0
+    pad = round(0.3 * pt * dpi / 72)
+    for text in texts:
+        for line in text.splitlines():
+            font = page_font(pt, dpi)
+            left, top, right, bottom = font.getbbox(line)
+            img = Image.new("L", (right + 2 * pad, bottom + 2 * pad), 255)
+            ImageDraw.Draw(img).text((pad, pad), line, fill=0, font=font)
+            got, _, _ = pr.read(img.convert("RGB"))
+            errors += edit_distance(" ".join(line.split()), " ".join(got.split()))
+            chars += len(line)
+    return errors / max(1, chars)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--pages", type=int, default=2, help="pages per document")
+    ap.add_argument("--lines", type=int, default=20, help="text lines per page")
+    ap.add_argument("--dpi", type=int, nargs="+", default=[150, 300])
+    ap.add_argument("--pt", type=float, nargs="+", default=[10.0, 12.0])
+    ap.add_argument("--layouts", nargs="+", default=["whole", "bands"])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    import tempfile
+
+    from mlx_llava_next.commands.generate import line_reader, load_model, resolve_model_arg
+    from mlx_llava_next.documents.engine import ocr_document
+
+    model, processor = load_model(args.model)
+    reader = line_reader(args.model)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dpi in args.dpi:
+            for pt in args.pt:
+                images, texts = document(args.pages, args.lines, dpi, pt, seed=1)
+                pdf = save_pdf(Path(tmp) / f"letter-{dpi}-{pt}.pdf", images, dpi)
+                line = single_line_cer(model, processor, reader, texts[:1], dpi, pt)
+                for lay in args.layouts:
+                    start = time.perf_counter()
+                    doc = ocr_document(model, processor, pdf, layout=lay, dpi=dpi, reader=reader,
+                                       model_path=resolve_model_arg(args.model))
+                    secs = (time.perf_counter() - start) / len(doc["pages"])
+                    page_cer = float(np.mean([cer(t, p["text"]) for t, p in zip(texts, doc["pages"])]))
+                    row = dict(dpi=dpi, pt=pt, layout=lay, cer=round(page_cer, 4), line_cer=round(line, 4),
+                               seconds_per_page=round(secs, 2), calls_per_page=float(np.mean([len(p["bands"]) for p in doc["pages"]])))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+    print("\n| dpi | pt | layout | page CER | single-line CER | s/page |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['dpi']} | {r['pt']:g} | {r['layout']} | {r['cer']:.1%} | {r['line_cer']:.1%} | {r['seconds_per_page']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""OCR of documents: image files, folders and PDFs, page by page, resumable (see engine.ocr_document)."""

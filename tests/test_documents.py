@@ -1,0 +1,351 @@
+"""Document OCR (mlx_llava_next.documents, `cli.py ocr`): PDFs rendered here from text we chose, page ranges, every
+output format, stdout, resumption after kill -9, --force, bad inputs as per-file errors, band planning and merging,
+and (when models/demo is installed) full-page accuracy against the demo model's single-line accuracy."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from benchmarks.document_ocr import cer, document, letter_page, page_font, random_line, save_pdf
+from cli import app
+from mlx_llava_next.commands.generate import OCR_PROMPTS
+from mlx_llava_next.documents import engine, layout, sources
+from mlx_llava_next.generate import generate
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "models" / "demo"
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def errors_of(stderr: str):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def small_pages(n: int, seed: int = 0):
+    """n short pages (3 x 1.5 inch at 100 dpi) with two lines of text each: cheap for the tiny model."""
+    rng = np.random.default_rng(seed)
+    pages = []
+    for _ in range(n):
+        img = Image.new("RGB", (300, 150), "white")
+        draw = ImageDraw.Draw(img)
+        for k in range(2):
+            draw.text((20, 20 + 50 * k), random_line(rng, 20), fill="black", font=page_font(14, 100))
+        pages.append(img)
+    return pages
+
+
+def pdfium_pages(path, dpi):
+    """The pages as PDFium renders them, straight from pypdfium2 (the oracle's view of the file)."""
+    import pypdfium2 as pdfium
+
+    pdf = pdfium.PdfDocument(str(path))
+    try:
+        return [pdf[i].render(scale=dpi / 72).to_pil().convert("RGB") for i in range(len(pdf))]
+    finally:
+        pdf.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def four_pages(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pdf") / "doc.pdf"
+    return save_pdf(path, small_pages(4, seed=3), 100)
+
+
+# -- page ranges, formats, stdout ------------------------------------------------------------
+
+
+def test_parse_pages():
+    assert sources.parse_pages("1-3,7") == [(1, 3), (7, 7)]
+    assert sources.select_pages(sources.parse_pages("1-3,7,2"), 10, "d") == [1, 2, 3, 7]
+    assert sources.select_pages(sources.parse_pages("9-"), 10, "d") == [9, 10]
+    assert sources.select_pages(sources.parse_pages("4,20"), 5, "d") == [4]
+    for bad, needle in [("0", "numbered from 1"), ("3-1", "backwards"), ("x", "not a page number"), ("1,,2", "empty")]:
+        with pytest.raises(sources.DocumentError, match=needle):
+            sources.parse_pages(bad)
+    with pytest.raises(sources.DocumentError, match="selects no page"):
+        sources.select_pages(sources.parse_pages("6-8"), 5, "d")
+
+
+def test_pages_and_every_format(tiny, four_pages, tmp_path):
+    model, processor = tiny.load()
+    rendered = pdfium_pages(four_pages, 100)
+    expected = {p: generate(model, processor, OCR_PROMPTS["default"], images=[rendered[p - 1]], max_tokens=6).text.strip()
+                for p in (1, 2, 4)}
+    outputs = {}
+    for fmt in ("txt", "md", "json", "jsonl"):
+        result = invoke("ocr", four_pages, "--model", tiny.path, "--pages", "1-2,4", "--dpi", 100, "--layout", "whole",
+                        "--max-tokens", 6, "--format", fmt, "--out", tmp_path / "out")
+        assert result.exit_code == 0, result.output
+        outputs[fmt] = (tmp_path / "out" / f"doc.{fmt}").read_text()
+    doc = json.loads(outputs["json"])
+    assert doc["source"] == str(four_pages) and doc["model"] == str(tiny.path)
+    assert doc["settings"]["pages"] == "1-2,4" and doc["settings"]["dpi"] == 100
+    assert [p["page"] for p in doc["pages"]] == [1, 2, 4]
+    assert {p["page"]: p["text"] for p in doc["pages"]} == expected
+    for p in doc["pages"]:
+        assert p["bands"] == [{"box": [0, 0, 300, 150], "text": p["text"]}] and p["seconds"] > 0
+    assert outputs["txt"] == "\f".join(expected[p] + "\n" if expected[p] else "" for p in (1, 2, 4))
+    no_time = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # each format was a run of its own
+    assert [no_time(json.loads(l)) for l in outputs["jsonl"].splitlines()] == [
+        no_time({"source": str(four_pages), **p}) for p in doc["pages"]]
+    for p in (1, 2, 4):
+        assert f"<!-- page {p} -->\n\n{expected[p]}" in outputs["md"]
+    assert not list((tmp_path / "out").glob(".*"))  # no state or temporary file left
+
+    stdout = invoke("ocr", four_pages, "--model", tiny.path, "--pages", "4", "--dpi", 100, "--layout", "whole",
+                    "--max-tokens", 6, "--out", "-", "--format", "jsonl")
+    assert stdout.exit_code == 0, stdout.output
+    assert [json.loads(l)["text"] for l in stdout.stdout.splitlines()] == [expected[4]]
+    assert "OCR pages" in stdout.stderr and "1 written" in stdout.stderr
+
+
+def test_force_and_skip(tiny, four_pages, tmp_path):
+    args = ["ocr", four_pages, "--model", tiny.path, "--pages", "1", "--dpi", 100, "--layout", "whole",
+            "--max-tokens", 4, "--out", tmp_path]
+    assert invoke(*args).exit_code == 0
+    target = tmp_path / "doc.txt"
+    stamp = target.stat().st_mtime_ns
+    again = invoke(*args)
+    assert again.exit_code == 0 and "0 written, 1 skipped" in again.stderr and target.stat().st_mtime_ns == stamp
+    forced = invoke(*args, "--force")
+    assert forced.exit_code == 0 and "1 written" in forced.stderr and target.stat().st_mtime_ns != stamp
+
+
+# -- resumption --------------------------------------------------------------------------------
+
+
+def cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "cli.py", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kw)
+
+
+def test_resume_after_kill_9(tiny, tmp_path):
+    pdf = save_pdf(tmp_path / "long.pdf", small_pages(20, seed=5), 100)
+    args = ["ocr", pdf, "--model", tiny.path, "--dpi", 100, "--layout", "whole", "--max-tokens", 12, "--format", "json"]
+    out = tmp_path / "out"
+    state = engine.state_path(out / "long.json")
+    proc = cli(*args, "--out", out)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and state.read_bytes().count(b"\n") >= 3:  # header + at least two pages
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "long.json").exists()  # never a half-written output
+    recorded = {}
+    for raw in state.read_bytes().split(b"\n")[1:]:
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue  # a torn last line
+        recorded[entry["page"]] = entry
+    assert 2 <= len(recorded) < 20
+
+    rerun = cli(*args, "--out", out)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err.decode()
+    err = err.decode()
+    assert f"{20 - len(recorded)} pages read, {len(recorded)} resumed" in err  # no page done twice
+    resumed = json.loads((out / "long.json").read_text())
+    assert not state.exists()
+    for p in resumed["pages"]:
+        if p["page"] in recorded:
+            assert p == recorded[p["page"]]  # carried over, not redone (same timing record)
+
+    model, processor = tiny.load()  # an uninterrupted run of the same engine, in process
+    fresh = engine.ocr_document(model, processor, pdf, layout="whole", dpi=100, max_tokens=12, model_path=str(tiny.path))
+    strip = lambda d: [{k: v for k, v in p.items() if k != "seconds"} for p in d["pages"]]
+    assert [p["page"] for p in fresh["pages"]] == list(range(1, 21))
+    assert strip(resumed) == strip(fresh)
+
+
+def test_torn_record_and_changed_settings_start_clean(tiny, four_pages, tmp_path):
+    model, processor = tiny.load()
+    state = tmp_path / ".doc.json.ocr-state"
+    kw = dict(layout="whole", dpi=100, max_tokens=4, model_path=str(tiny.path), state=state)
+    first = engine.ocr_document(model, processor, four_pages, pages="1-2", **kw)
+    with open(state, "ab") as f:
+        f.write(b'{"page": 3, "text": "half')  # a kill -9 in the middle of a record
+    seen = []
+    again = engine.ocr_document(model, processor, four_pages, pages="1-3", on_page=seen.append, **kw)
+    assert [r["page"] for r in seen] == [3] and again["pages"][:2] == first["pages"]
+    other = engine.ocr_document(model, processor, four_pages, pages="1-3", on_page=seen.append, **{**kw, "max_tokens": 3})
+    assert [r["page"] for r in seen] == [3, 1, 2, 3]  # other settings: the old record does not apply
+    assert len(other["pages"]) == 3
+
+
+# -- bad inputs --------------------------------------------------------------------------------
+
+
+def build_pdf(objects, trailer_extra=""):
+    """A PDF from object bodies (numbered from 1) with a correct cross-reference table."""
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R {trailer_extra}>>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
+
+
+def png_header_only(width, height):
+    """A PNG whose header declares width x height (a decompression bomb's signature), with a token IDAT."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_bad_inputs_are_per_file_errors(tiny, four_pages, tmp_path, monkeypatch):
+    import pypdfium2 as pdfium
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    catalog = "<< /Type /Catalog /Pages 2 0 R >>"
+    (inputs / "zero.pdf").write_bytes(build_pdf([catalog, "<< /Type /Pages /Kids [] /Count 0 >>"]))
+    whole = four_pages.read_bytes()
+    (inputs / "truncated.pdf").write_bytes(whole[: len(whole) // 2])
+    (inputs / "encrypted.pdf").write_bytes(build_pdf(
+        [catalog, "<< /Type /Pages /Kids [3 0 R] /Count 1 >>", "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>",
+         f"<< /Filter /Standard /V 1 /R 2 /O <{'11' * 32}> /U <{'22' * 32}> /P -4 >>"],
+        f"/Encrypt 4 0 R /ID [<{'33' * 16}> <{'33' * 16}>] "))
+    blank = [Image.new("1", (8, 8), 1) for _ in range(2000)]
+    blank[0].save(inputs / "long.pdf", save_all=True, append_images=blank[1:], resolution=72.0)
+    (inputs / "bomb.png").write_bytes(png_header_only(20000, 20000))
+    small_pages(1)[0].save(inputs / "good.png")
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    (empty / "notes.md").write_text("not an image")
+
+    renders = []
+    real_render = pdfium.PdfPage.render
+    monkeypatch.setattr(pdfium.PdfPage, "render", lambda self, **kw: renders.append(1) or real_render(self, **kw))
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    result = invoke("ocr", inputs, empty, "--model", tiny.path, "--pages", "1", "--layout", "whole",
+                    "--max-tokens", 4, "--format", "json", "--out", out)
+    seconds = time.perf_counter() - start
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = errors_of(result.stderr)
+    expect = {"zero.pdf": "no pages", "truncated.pdf": "truncated", "encrypted.pdf": "encrypted",
+              "bomb.png": "decompression", str(empty): "no image or PDF files"}
+    assert len(errors) == len(expect), errors
+    for name, needle in expect.items():
+        assert any(name in e and needle in e for e in errors), (name, errors)
+    assert "2 written" in result.stderr and "5 failed" in result.stderr
+    long = json.loads((out / "long.json").read_text())
+    assert [p["page"] for p in long["pages"]] == [1] and len(renders) == 1  # one page of 2000 rendered
+    assert json.loads((out / "good.json").read_text())["pages"][0]["page"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["good.json", "long.json"]
+    assert seconds < 60
+
+
+def test_bad_options_fail_before_loading(tiny, four_pages):
+    for args, needle in [(["--pages", "2-1"], "backwards"), (["--format", "docx"], "--format"),
+                         (["--layout", "columns"], "--layout"), (["--dpi", "5"], "--dpi")]:
+        result = invoke("ocr", four_pages, "--model", "/nonexistent/model", *args)
+        assert result.exit_code == 1 and len(errors_of(result.stderr)) == 1 and needle in result.stderr, result.output
+
+
+# -- bands ---------------------------------------------------------------------------------------
+
+
+def test_merge_texts_keeps_every_line_once():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lines = [random_line(rng, 40) for _ in range(int(rng.integers(1, 30)))]
+        texts, overlaps, i, shared = [], [], 0, False
+        while i < len(lines):
+            j = min(len(lines), i + int(rng.integers(1, 6)))
+            window = list(lines[i:j])
+            if shared and rng.random() < 0.5:  # the shared line read slightly differently the second time
+                window[0] = window[0][:-1] + ("#" if window[0][-1] != "#" else "%")
+            texts.append("\n".join(window))
+            overlaps.append(int(shared))
+            shared = j - i >= 2 and j < len(lines)
+            i = j - 1 if shared else j
+        assert layout.merge_texts(texts, overlaps) == "\n".join(lines)
+        assert layout.merge_texts(["a\nsame", "same\nb"], [0, 0]) == "a\nsame\nsame\nb"  # equal page lines kept
+
+
+def test_bands_cover_every_line_at_the_reading_scale(tiny):
+    _, processor = tiny.load()
+    geometry = layout.Geometry.of(processor)
+    images, _ = document(1, 30, 150, 11, seed=2)
+    page = images[0]
+    ink = layout.analyse(page)
+    assert len(ink.lines) == 30 and abs(ink.pitch - 11 * 1.25 * 150 / 72) < 2
+    assert layout.choose("auto", page, geometry, ink) == "bands"
+    planned = layout.plan_bands(page, geometry, ink)
+    boxes = [box for box, _ in planned]
+    assert planned[0][1] == 0 and all(shares in (0, 1) for _, shares in planned)
+    scale, (ph, pw) = layout.strip_shape(geometry, ink)
+    assert [ph, pw] in [list(p) for p in geometry.pinpoints]
+    for x0, y0, x1, y1 in boxes:  # each band has a pinpoint's shape
+        assert abs((y1 - y0) * pw - (x1 - x0) * ph) <= max(ph, pw) * 2
+    for top, bottom in ink.lines:  # every line lies wholly inside a band
+        assert any(y0 <= top and bottom <= y1 for _, y0, _, y1 in boxes), (top, bottom)
+    assert all(b[1] < c[1] for b, c in zip(boxes, boxes[1:]))
+    assert layout.analyse(Image.new("RGB", (1275, 1650), "white")).blank
+
+
+def test_bands_through_the_model(tiny):
+    model, processor = tiny.load()
+    images, _ = document(1, 4, 100, 12, seed=4)
+    page = images[0]
+    calls = []
+    pr = engine.PageReader(model, processor, max_tokens=3, layout="bands")
+    read = pr.read_image
+    pr.read_image = lambda img: calls.append(img.size) or read(img)
+    text, bands, used = pr.read(page)
+    assert used == "bands" and len(bands) == len(calls) >= 1
+    band_lines = [l.rstrip() for b in bands for l in b["text"].splitlines()]
+    got = text.splitlines()
+    it = iter(band_lines)
+    assert all(any(l == m for m in it) for l in got)  # the page text is the band lines, in order
+    assert len(got) >= len(band_lines) - (len(bands) - 1)  # at most one shared line dropped per boundary
+    blank_text, blank_bands, blank_used = pr.read(Image.new("RGB", page.size, "white"))
+    assert (blank_text, blank_bands, len(calls)) == ("", [], len(bands))  # a blank page costs no model call
+
+
+# -- accuracy with the demo model ---------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="models/demo is not installed")
+@pytest.mark.parametrize("dpi", [150, 300])
+def test_demo_full_page_cer_within_1_5x_single_line(dpi, tmp_path):
+    from benchmarks.document_ocr import single_line_cer
+    from mlx_llava_next.commands.generate import line_reader, load_model
+
+    model, processor = load_model("demo")
+    reader = line_reader("demo")
+    images, texts = document(1, 8, dpi, 11, seed=7)
+    pdf = save_pdf(tmp_path / "page.pdf", images, dpi)
+    doc = engine.ocr_document(model, processor, pdf, dpi=dpi, model_path=str(DEMO))
+    page = cer(texts[0], doc["pages"][0]["text"])
+    line = single_line_cer(model, processor, reader, texts, dpi, 11)
+    assert page <= 1.5 * line + 1 / len(texts[0]), (page, line)  # one character of slack when lines are perfect
