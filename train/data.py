@@ -188,14 +188,15 @@ def normalized_line(rng: np.random.Generator, width: int, settings, tries: int =
 SCAN_TEXT = "INVOICE No. 2024-0117\nDate: 03/12/2024\nWidget A x2      $19.90\nShipping fee      $4.50\nTotal due:       $24.40"
 
 
-def render_scan(path) -> str:
-    """examples/scan.png: an invoice snippet in DejaVu Sans Mono 22 px, light noise; returns its text."""
+def render_scan(path, px: int = 24) -> str:
+    """examples/scan.png: an invoice snippet in DejaVu Sans Mono (px), light blur and noise; returns its text."""
     rng = np.random.default_rng(2024)
-    f = font("mono", 22)
-    img = Image.new("L", (420, 200), 246)
+    f = font("mono", px)
+    k = px / 22
+    img = Image.new("L", (int(420 * k), int(200 * k)), 246)
     draw = ImageDraw.Draw(img)
-    for k, line in enumerate(SCAN_TEXT.split("\n")):
-        draw.text((24, 22 + 32 * k), line, font=f, fill=30)
+    for i, line in enumerate(SCAN_TEXT.split("\n")):
+        draw.text((int(24 * k), int((22 + 32 * i) * k)), line, font=f, fill=30)
     img = img.filter(ImageFilter.GaussianBlur(0.4))
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 3, (img.height, img.width))
     Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path)

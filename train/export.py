@@ -144,6 +144,7 @@ def export(weights: dict, out_dir, readme: str = "", dtype: str = "float32") -> 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)
     config = model_config()
     config["torch_dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
