@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType
 from . import gguf_layout
 from .config import LlavaNextConfig, normalize_text_config
 from .errors import CheckpointError, UnsupportedModelError
-from .gguf_reader import GGUFHeader, read_header
+from .gguf_reader import GGUFHeader, check_tiling, read_header
 from .image_processing import ImageProcessor
 from .model import Model
 from .processing import IMAGE_TOKEN, Processor
@@ -155,6 +155,9 @@ def text_config_from(h: GGUFHeader) -> Dict:
 def vision_names(h: GGUFHeader) -> Dict[str, str]:
     """Canonical GGUF name -> name in the file (legacy newline name, legacy fc1/fc2 swap)."""
     names = {gguf_layout.LEGACY_NAMES.get(n, n): n for n in h.tensors if not n.startswith("v.post_ln.")}
+    for n in names:
+        if n.startswith("v.blk.") and not n.split(".")[2].isdigit():
+            raise h.error(f"tensor {n!r}: the block index {n.split('.')[2]!r} is not a number")
     down = h.tensors.get("v.blk.0.ffn_down.weight")
     dim = h.metadata.get("clip.vision.embedding_length")
     if down is not None and len(down.shape) == 2 and down.shape[1] == dim and down.shape[0] != dim:
@@ -402,6 +405,8 @@ def load_gguf(path, dtype: Optional[mx.Dtype] = None):
     if "v.image_newline" not in vision_names_:
         raise vision_h.error("missing tensor v.image_newline (LLaVA-NeXT's row separator)")
     check_shapes(vision_h, expected, vision_names_, ignore=unused_blocks)
+    for h in (text_h, vision_h):
+        check_tiling(h)  # after the shapes: their errors say more
     vision_names_ = {k: v for k, v in vision_names_.items() if k not in unused_blocks}
 
     # Only now, with every shape known to match the file, build the model and read the data.

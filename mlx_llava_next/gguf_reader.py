@@ -56,6 +56,8 @@ class GGUFHeader:
     version: int
     metadata: Dict[str, Any]  # numbers as Python scalars, numeric arrays as numpy, strings as str
     tensors: Dict[str, TensorInfo]
+    alignment: int = 32
+    size: int = 0  # file size in bytes
 
     @property
     def architecture(self) -> str:
@@ -218,6 +220,9 @@ def _parse(buffer, path: Path) -> GGUFHeader:
             block, type_size = GGML_QUANT_SIZES[ggml_type]
         except (ValueError, KeyError):
             raise CheckpointError(f"{path.name}: tensor {name!r} has unknown GGML type {raw_type}") from None
+        if block > 1 and len(ne) < 2:
+            raise CheckpointError(f"{path.name}: tensor {name!r} is 1-D but has the block-quantized type "
+                                  f"{ggml_type.name} (only matrices are quantized)")
         if any(d == 0 for d in ne):
             raise CheckpointError(f"{path.name}: tensor {name!r} has an empty dimension {ne}")
         if ne[0] % block:
@@ -235,5 +240,17 @@ def _parse(buffer, path: Path) -> GGUFHeader:
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:
             raise CheckpointError(f"{path.name}: corrupt GGUF file: data of tensors {first!r} and {second!r} overlap")
-    return GGUFHeader(path, version, metadata, tensors)
+    return GGUFHeader(path, version, metadata, tensors, alignment, cur.size)
+
+
+def check_tiling(h: "GGUFHeader") -> None:
+    """CheckpointError unless the tensors' data tile the file: writers pad each tensor to the
+    alignment and no more, so a larger gap means a wrong type or shape in the header."""
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in h.tensors.values())
+    for (_, end, first), (start, _, _) in zip(spans, spans[1:]):
+        if start >= end + h.alignment:
+            raise h.error(f"corrupt GGUF file: {start - end} unused bytes after tensor {first!r} (a wrong type or shape?)")
+    if spans and h.size >= spans[-1][1] + h.alignment:
+        raise h.error(f"corrupt GGUF file: {h.size - spans[-1][1]} bytes after the last tensor {spans[-1][2]!r} "
+                      f"(a wrong type or shape?)")
 

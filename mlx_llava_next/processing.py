@@ -12,21 +12,26 @@ import numpy as np
 
 from . import chat_templates
 from .config import LlavaNextConfig
-from .errors import PromptError
+from .errors import CheckpointError, PromptError
 from .image_processing import ImageProcessor
 
 IMAGE_TOKEN = "<image>"
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
+    from .checks import read_json_object
+
+    return read_json_object(path) if path.exists() else {}
 
 
 def read_chat_template(model_dir: Path) -> Optional[str]:
     """The checkpoint's multimodal template: chat_template.jinja/.json, else the tokenizer's."""
     jinja = model_dir / "chat_template.jinja"
     if jinja.exists():
-        return jinja.read_text()
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{jinja}: the chat template is not UTF-8 text (byte {e.start})") from None
     template = _read_json(model_dir / "chat_template.json").get("chat_template")
     template = template or _read_json(model_dir / "processor_config.json").get("chat_template")
     return template or _read_json(model_dir / "tokenizer_config.json").get("chat_template")
@@ -54,11 +59,15 @@ class Processor:
         self.num_additional_image_tokens = num_additional_image_tokens
         if chat_template is None:
             chat_template, chat_template_source = chat_templates.builtin_for(config, self.hf_tokenizer)
+        if not isinstance(chat_template, str):
+            raise CheckpointError(f"the chat template must be a string, got {type(chat_template).__name__}")
+        _compile_template(chat_template)  # a syntax error is the checkpoint's, found at load time
         self.chat_template = chat_template
         self.chat_template_source = chat_template_source
 
     @classmethod
     def from_pretrained(cls, model_dir, config: LlavaNextConfig, tokenizer) -> "Processor":
+        """From a checkpoint directory (CheckpointError on a bad processor config or template)."""
         model_dir = Path(model_dir)
         processor_config = _read_json(model_dir / "processor_config.json")
         # A processor saved without these knobs would count tokens wrong (N-1 / N+1): CLIP
@@ -133,16 +142,36 @@ class Processor:
     # -- chat -----------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False):
         """Render HF-style messages (content: str or parts {"type": "image"|"text"})."""
+        from jinja2 import TemplateError
+
         messages = [chat_templates.normalize_message(m) for m in messages]
-        rendered = self.hf_tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.chat_template,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-        )
+        try:
+            rendered = self.hf_tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+            )
+        except TemplateError as e:  # the template's raise_exception(): e.g. roles must alternate
+            raise PromptError(f"the chat template refused these messages: {e}") from None
+        if not isinstance(rendered, str):
+            raise PromptError(f"the chat template rendered a {type(rendered).__name__}, not text")
         if tokenize:
             return self.hf_tokenizer(rendered, add_special_tokens=False)["input_ids"]
         return rendered
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.hf_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _compile_template(template: str) -> None:
+    """CheckpointError if jinja cannot parse the chat template (as transformers compiles it)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).parse(template)
+    except TemplateError as e:
+        raise CheckpointError(f"the checkpoint's chat template is not valid jinja: {e}") from None
+    except RecursionError:
+        raise CheckpointError("the checkpoint's chat template is nested too deeply") from None

@@ -230,3 +230,205 @@ def test_info_on_a_gguf_directory_says_so(tmp_path):
     (tmp_path / "model-f16.gguf").write_bytes(b"GGUF")
     code, _, stderr = cli("info", tmp_path)
     assert code == 1 and "GGUF" in stderr and stderr.count("\n") == 1, stderr
+
+
+# -- checkpoint files: one CheckpointError naming the field -------------------------------------
+
+import json as _json  # noqa: E402
+import shutil as _shutil  # noqa: E402
+
+from mlx_llava_next import CheckpointError, ImageError, load  # noqa: E402
+
+
+def copy_checkpoint(tiny_checkpoint, tmp_path, name="llama"):
+    out = tmp_path / "ckpt"
+    _shutil.copytree(tiny_checkpoint(name).path, out)
+    return out
+
+
+def edit_json(path, change):
+    data = _json.loads(path.read_text())
+    change(data)
+    path.write_text(_json.dumps(data))
+
+
+@pytest.mark.parametrize("field, value, word", [
+    ("num_hidden_layers", 2**31, "num_hidden_layers"), ("hidden_size", "64", "hidden_size"),
+    ("num_attention_heads", 0, "num_attention_heads"), ("vocab_size", None, "vocab_size"),
+    ("rms_norm_eps", -1, "rms_norm_eps"), ("layer_types", ["full_attention", "mamba"], "layer_types"),
+    ("max_position_embeddings", 1.5, "max_position_embeddings"),
+])
+def test_bad_text_config_fields(tiny_checkpoint, tmp_path, field, value, word):
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
+    edit_json(ckpt / "config.json", lambda c: c["text_config"].__setitem__(field, value))
+    with pytest.raises(CheckpointError, match=word):
+        load(ckpt)
+
+
+@pytest.mark.parametrize("change, word", [
+    (lambda c: c.__setitem__("image_grid_pinpoints", [[100000, 100000]]), "image_grid_pinpoints"),
+    (lambda c: c.__setitem__("vision_config", [1, 2]), "vision_config"),
+    (lambda c: c["vision_config"].__setitem__("patch_size", 0), "patch_size"),
+    (lambda c: c.__setitem__("vision_feature_layer", "last"), "vision_feature_layer"),
+])
+def test_bad_top_level_config_fields(tiny_checkpoint, tmp_path, change, word):
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
+    edit_json(ckpt / "config.json", change)
+    with pytest.raises(CheckpointError, match=word):
+        load(ckpt)
+
+
+@pytest.mark.parametrize("data, word", [
+    (lambda raw: b"\xef\xbb\xbf" + raw, "byte-order mark"), (lambda raw: raw[:10] + b"\xff" + raw[10:], "UTF-8"),
+    (lambda raw: b"[" + raw + b"]", "object"), (lambda raw: b"[" * 100000 + b"]" * 100000, "config"),
+])
+@pytest.mark.parametrize("file", ["config.json", "processor_config.json"])
+def test_undecodable_json_files(tiny_checkpoint, tmp_path, data, word, file):
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
+    (ckpt / file).write_bytes(data((ckpt / file).read_bytes()))
+    with pytest.raises(CheckpointError, match=word):
+        load(ckpt)
+
+
+@pytest.mark.parametrize("change, word", [
+    (lambda p: p.__setitem__("crop_size", {"height": 10**6, "width": 10**6}), "crop_size"),
+    (lambda p: p.__setitem__("image_grid_pinpoints", [[100000, 100000]]), "image_grid_pinpoints"),
+    (lambda p: p.__setitem__("image_std", [0, 0, 0]), "image_std"),
+    (lambda p: p.__setitem__("size", "big"), "size"),
+])
+def test_bad_processor_config(tiny_checkpoint, tmp_path, change, word):
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
+    edit_json(ckpt / "processor_config.json", lambda c: change(c["image_processor"]))
+    with pytest.raises(CheckpointError, match=word):
+        load(ckpt)
+
+
+def _shard(ckpt):
+    return sorted(ckpt.glob("*.safetensors"))[0]
+
+
+@pytest.mark.parametrize("how", ["header+1", "header-1", "shifted", "extra-bytes"])
+def test_safetensors_lengths_and_offsets_checked(tiny_checkpoint, tmp_path, how):
+    import struct
+
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
+    shard = _shard(ckpt)
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = _json.loads(raw[8:8 + n])
+    if how.startswith("header"):
+        raw = struct.pack("<Q", n + (1 if how == "header+1" else -1)) + raw[8:]
+    elif how == "shifted":
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["data_offsets"] = [o + 2 for o in header[name]["data_offsets"]]
+        text = _json.dumps(header).encode().ljust(n)
+        raw = raw[:8] + text[:n] + raw[8 + n:] if len(text) == n else struct.pack("<Q", len(text)) + text + raw[8 + n:]
+    else:
+        raw = raw + b"\0" * 4
+    shard.write_bytes(raw)
+    with pytest.raises(CheckpointError, match=shard.name):
+        load(ckpt)
+
+
+def test_index_without_weight_map_and_unlisted_tensor(tiny_checkpoint, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path)
+    index = ckpt / "model.safetensors.index.json"
+    original = index.read_text()
+    index.write_text(_json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match="weight_map"):
+        load(ckpt)
+    index.write_text(original)
+    shard = _shard(ckpt)
+    tensors = load_file(str(shard))
+    tensors["language_model.model.layers.0.extra.weight"] = next(iter(tensors.values()))
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError, match="extra"):
+        load(ckpt)
+
+
+def test_image_arrays_checked_before_allocating():
+    import numpy as np
+
+    from mlx_llava_next.image_processing import ImageProcessor
+
+    processor = ImageProcessor()
+    huge = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (100000, 100000, 3))
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match="too large"):
+        processor([huge])
+    assert time.perf_counter() - started < 1.0
+    for bad in (np.zeros((2, 8, 8, 3, 1), np.uint8), np.zeros((8, 8, 3), bool), np.zeros((8, 8, 3), np.float32),
+                np.full((8, 8, 3), 300, np.int64)):
+        with pytest.raises(ImageError):
+            processor([bad])
+
+
+def test_decompression_bomb_jpeg_fails_fast(tmp_path):
+    import io
+    import struct
+
+    from PIL import Image
+
+    from mlx_llava_next.image_processing import load_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    at = data.find(b"\xff\xc0")
+    data[at + 5: at + 9] = struct.pack(">HH", 20000, 20000)  # declared 20000x20000
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match="too large"):
+        load_image(bytes(data))
+    assert time.perf_counter() - started < 2.0
+
+
+# -- GGUF -------------------------------------------------------------------------------------
+
+
+def small_gguf(path, tensors, template="{{ messages[0]['content'] }}"):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("tokenizer.chat_template", template)
+    for name, (array, raw_type) in tensors.items():
+        writer.add_tensor(name, array, raw_dtype=raw_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_one_d_quantized_tensor_and_block_index(tmp_path):
+    import gguf
+    import numpy as np
+
+    from mlx_llava_next.gguf_loading import vision_names
+    from mlx_llava_next.gguf_reader import read_header
+
+    q8 = np.zeros(34, np.uint8)  # one q8_0 block of 32 weights, written as raw bytes
+    path = small_gguf(tmp_path / "a.gguf", {"output_norm.weight": (q8, gguf.GGMLQuantizationType.Q8_0)})
+    with pytest.raises(CheckpointError, match="1-D"):
+        read_header(path)
+    path = small_gguf(tmp_path / "b.gguf", {"v.blk.x.attn_q.weight": (np.ones((2, 4), np.float32), None)})
+    with pytest.raises(CheckpointError, match="block index"):
+        vision_names(read_header(path))
+
+
+@pytest.mark.parametrize("template, kind, word", [
+    ("{% for m in messages %}", CheckpointError, "jinja"),
+    ("{{ raise_exception('roles must alternate') }}", PromptError, "roles must alternate"),
+])
+def test_chat_template_errors(tiny_checkpoint, template, kind, word):
+    from mlx_llava_next.processing import Processor
+
+    model, processor = tiny_checkpoint("llama").load()
+    make = lambda: Processor(processor.tokenizer, processor.image_processor, processor.config, chat_template=template)  # noqa: E731
+    if kind is CheckpointError:
+        with pytest.raises(CheckpointError, match=word):
+            make()
+    else:
+        with pytest.raises(PromptError, match=word):
+            generate(model, make(), QUESTION, max_tokens=1)

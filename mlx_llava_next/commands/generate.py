@@ -145,7 +145,7 @@ def generate_command(
 ):
     """Answer one prompt about the images, streamed to stdout.
 
-    Example: python cli.py generate --image scan.png --prompt "What is the date on this letter?"
+    Example: python cli.py generate --image examples/scan.png --prompt "What is the date on this letter?"
     """
     opts = sampling_options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop)
     with user_errors():
@@ -211,7 +211,7 @@ def chat_command(
 ):
     """Chat about images: answers stream as they are generated; follow-ups reuse the cache.
 
-    Example: python cli.py chat --image scan.png
+    Example: python cli.py chat --image examples/scan.png
     Reads one question per line from stdin when it is not a terminal.
     """
     interactive = sys.stdin.isatty()
