@@ -102,24 +102,45 @@ def cer(reference: str, hypothesis: str) -> float:
 
 
 def single_line_cer(model, processor, reader, texts: Sequence[str], dpi: int, pt: float) -> float:
-    """The model's CER on the same lines, each rendered alone (a line image cut from a page at the same
-    resolution), through the ordinary `ocr` path for one image."""
-    from mlx_llava_next.documents.layout import Geometry, read_page
+    """The model's CER on the same lines, each set alone at the same size on a strip of paper that goes
+    through the same PDF writer and renderer as the pages (same JPEG), read as one image (`whole`)."""
+    import tempfile
+
     from mlx_llava_next.documents.engine import PageReader
+    from mlx_llava_next.documents.sources import expand
 
     pr = PageReader(model, processor, reader, layout="whole")
     errors = chars = 0
-    pad = round(0.3 * pt * dpi / 72)
-    for text in texts:
-        for line in text.splitlines():
-            font = page_font(pt, dpi)
-            left, top, right, bottom = font.getbbox(line)
-            img = Image.new("L", (right + 2 * pad, bottom + 2 * pad), 255)
-            ImageDraw.Draw(img).text((pad, pad), line, fill=0, font=font)
-            got, _, _ = pr.read(img.convert("RGB"))
-            errors += edit_distance(" ".join(line.split()), " ".join(got.split()))
-            chars += len(line)
+    pad = round(0.5 * pt * dpi / 72)
+    font = page_font(pt, dpi)
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, text in enumerate(texts):
+            for k, line in enumerate(text.splitlines()):
+                _, _, right, bottom = font.getbbox(line)
+                img = Image.new("L", (right + 2 * pad, bottom + 2 * pad), 255)
+                ImageDraw.Draw(img).text((pad, pad), line, fill=0, font=font)
+                pdf = save_pdf(Path(tmp) / f"line-{n}-{k}.pdf", [img.convert("RGB")], dpi)
+                src = expand([pdf])[0]
+                got, _, _ = pr.read(src.render(1, dpi))
+                src.close()
+                errors += edit_distance(" ".join(line.split()), " ".join(got.split()))
+                chars += len(" ".join(line.split()))
     return errors / max(1, chars)
+
+
+def _as_one_image(model, processor, pdf, dpi, max_tokens=256) -> dict:
+    """What `ocr` did before documents: each page to the model whole, through generate (no line cutting)."""
+    from mlx_llava_next.commands.generate import OCR_PROMPTS
+    from mlx_llava_next.documents.sources import expand
+    from mlx_llava_next.generate import generate
+
+    src = expand([pdf])[0]
+    pages = []
+    for p in src.pages:
+        text = generate(model, processor, OCR_PROMPTS["default"], images=[src.render(p, dpi)], max_tokens=max_tokens).text
+        pages.append({"page": p, "text": text, "bands": [None]})
+    src.close()
+    return {"pages": pages}
 
 
 def main(argv=None):
@@ -129,7 +150,8 @@ def main(argv=None):
     ap.add_argument("--lines", type=int, default=20, help="text lines per page")
     ap.add_argument("--dpi", type=int, nargs="+", default=[150, 300])
     ap.add_argument("--pt", type=float, nargs="+", default=[10.0, 12.0])
-    ap.add_argument("--layouts", nargs="+", default=["whole", "bands"])
+    ap.add_argument("--layouts", nargs="+", default=["whole", "bands"],
+                    help="whole, bands, auto, or image (each page through generate as one image)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -149,8 +171,11 @@ def main(argv=None):
                 line = single_line_cer(model, processor, reader, texts[:1], dpi, pt)
                 for lay in args.layouts:
                     start = time.perf_counter()
-                    doc = ocr_document(model, processor, pdf, layout=lay, dpi=dpi, reader=reader,
-                                       model_path=resolve_model_arg(args.model))
+                    if lay == "image":  # the page given to the model as one image, no line cutting
+                        doc = _as_one_image(model, processor, pdf, dpi)
+                    else:
+                        doc = ocr_document(model, processor, pdf, layout=lay, dpi=dpi, reader=reader,
+                                           model_path=resolve_model_arg(args.model))
                     secs = (time.perf_counter() - start) / len(doc["pages"])
                     page_cer = float(np.mean([cer(t, p["text"]) for t, p in zip(texts, doc["pages"])]))
                     row = dict(dpi=dpi, pt=pt, layout=lay, cer=round(page_cer, 4), line_cer=round(line, 4),

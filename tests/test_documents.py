@@ -312,6 +312,14 @@ def test_bands_cover_every_line_at_the_reading_scale(tiny):
     assert all(b[1] < c[1] for b, c in zip(boxes, boxes[1:]))
     assert layout.analyse(Image.new("RGB", (1275, 1650), "white")).blank
 
+    import checkpoints  # the released 7B geometry: 336-pixel tiles, pinpoints up to 336x1008
+
+    released = layout.Geometry(336, [tuple(p) for p in checkpoints.RELEASED_PINPOINTS])
+    assert layout.choose("auto", page, released, ink) == "bands"  # whole: 1275x1650 shrunk to 672 high
+    scale, shape = layout.strip_shape(released, ink)
+    assert shape == (336, 1008) and abs(scale * ink.pitch - 336 / layout.LINES_PER_TILE) < 1.5
+    assert sources.default_dpi(released.line_pitch) == 160  # 11-pt text at a 28-pixel pitch
+
 
 def test_bands_through_the_model(tiny):
     model, processor = tiny.load()
@@ -336,16 +344,17 @@ def test_bands_through_the_model(tiny):
 
 
 @pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="models/demo is not installed")
-@pytest.mark.parametrize("dpi", [150, 300])
+@pytest.mark.parametrize("dpi", [150, pytest.param(300, marks=pytest.mark.slow)])
 def test_demo_full_page_cer_within_1_5x_single_line(dpi, tmp_path):
     from benchmarks.document_ocr import single_line_cer
     from mlx_llava_next.commands.generate import line_reader, load_model
 
-    model, processor = load_model("demo")
-    reader = line_reader("demo")
+    name = str(DEMO)
+    model, processor = load_model(name)
+    reader = line_reader(name)
     images, texts = document(1, 8, dpi, 11, seed=7)
     pdf = save_pdf(tmp_path / "page.pdf", images, dpi)
-    doc = engine.ocr_document(model, processor, pdf, dpi=dpi, model_path=str(DEMO))
+    doc = engine.ocr_document(model, processor, pdf, dpi=dpi, reader=reader, model_path=name)
     page = cer(texts[0], doc["pages"][0]["text"])
     line = single_line_cer(model, processor, reader, texts, dpi, 11)
     assert page <= 1.5 * line + 1 / len(texts[0]), (page, line)  # one character of slack when lines are perfect

@@ -14,7 +14,8 @@ LAYOUTS = ("auto", "whole", "bands")
 LINES_PER_TILE = 12  # an ordinary checkpoint reads text best at about 12 lines per vision tile (28 px at 336)
 ANALYSIS_HEIGHT = 1600  # ink analysis runs on a copy at most this tall (cheap on 300-dpi pages)
 STRIP_OVERLAP = 0.25  # overlap of fixed strips where no clean line gaps are found
-MERGE_SIMILARITY = 0.75  # two transcribed lines this similar (difflib ratio) are the same page line
+MERGE_SIMILARITY = 0.75
+READER_PITCH = 1.5  # a line reader's page is box-reduced while its line pitch is over this many model lines  # two transcribed lines this similar (difflib ratio) are the same page line
 
 
 @dataclass
@@ -220,6 +221,11 @@ def read_page(image: Image.Image, layout: str, geometry: Geometry, read_image: C
     ink = analyse(image)
     used = choose(layout, image, geometry, ink)
     full = [0, 0, image.width, image.height]
+    factor = int(ink.pitch // (READER_PITCH * geometry.line_pitch)) if geometry.reader is not None else 1
+    if factor >= 2 and used in ("whole", "bands"):
+        # a line reader scales each line to its cap height with a plain (aliasing) resampler: bring text
+        # near the model's size first with a box filter (a 300-dpi page read like a 150-dpi one)
+        image = image.reduce(factor)
     if used == "blank":
         return "", [], used
     if used == "whole":
@@ -229,7 +235,10 @@ def read_page(image: Image.Image, layout: str, geometry: Geometry, read_image: C
             text = read_image(image).strip()
         return text, [{"box": full, "text": text}], used
     if geometry.reader is not None:
-        return _read_line_bands(image, geometry.reader, read_line) + (used,)
+        text, bands = _read_line_bands(image, geometry.reader, read_line)
+        for band in bands:
+            band["box"] = [v * max(1, factor) for v in band["box"]]
+        return text, bands, used
     bands, texts, overlaps, skipped = [], [], [], False
     for box, shares in plan_bands(image, geometry, ink):
         crop = _crop(image, box, ink.paper)
