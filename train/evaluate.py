@@ -35,16 +35,21 @@ def heldout_set(n: int, seed: int, fonts=FONTS, text_px=(16, 36)):
     return out
 
 
-def transcriber(model_name: str):
-    """image -> text the way `cli.py ocr` does it (line reading when the model says so)."""
-    from mlx_llava_next.commands.generate import OCR_PROMPTS, line_reader, load_model, read_lines
-    from mlx_llava_next.generate import generate
+def transcriber(model_name: str, path: str = "ocr"):
+    """image -> text the way `cli.py ocr` reads an image file: its model loading, line-reader
+    detection and page reader (mlx_llava_next.documents: layout `auto`, line reading when the model
+    says so)."""
+    from mlx_llava_next.commands.generate import line_reader, load_model
+    from mlx_llava_next.documents.engine import PageReader
 
     m, processor = load_model(model_name)
-    reader = line_reader(model_name)
-    if reader is not None:
-        return lambda img: read_lines(m, processor, reader, [img]).strip()
-    return lambda img: generate(m, processor, OCR_PROMPTS["default"], images=[img], max_tokens=1024).text.strip()
+    if path == "chat":  # what `chat`/`generate` do with a line reader's image: lines.read_block
+        from mlx_llava_next.commands.generate import read_lines
+
+        settings = line_reader(model_name)
+        return lambda img: read_lines(m, processor, settings, [img]).strip()
+    reader = PageReader(m, processor, line_reader(model_name))
+    return lambda img: reader.read(img)[0].strip()
 
 
 def bucket(px: int) -> str:
@@ -74,9 +79,11 @@ def main(argv=None):
     p.add_argument("-n", type=int, default=200)
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--fonts", default=",".join(FONTS))
+    p.add_argument("--path", default="ocr", choices=["ocr", "chat"],
+                   help="ocr: cli.py ocr's page reader; chat: what chat/generate do (lines.read_block)")
     p.add_argument("--out", help="write the summary (and every transcription) here as JSON")
     args = p.parse_args(argv)
-    read = transcriber(args.model)
+    read = transcriber(args.model, args.path)
     rows, started = [], time.time()
     for s in heldout_set(args.n, args.seed, tuple(args.fonts.split(","))):
         got = read(s["image"])
