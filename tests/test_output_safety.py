@@ -182,6 +182,7 @@ app()
 """
 
 
+@pytest.mark.slow  # a fresh interpreter and a whole conversion each (30 s on a busy 2-core machine)
 @pytest.mark.parametrize("extra", [(), ("--gguf",)])
 def test_full_disk_leaves_no_partial_output(src, tmp_path, extra):
     out = tmp_path / "out"
