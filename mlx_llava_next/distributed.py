@@ -109,8 +109,18 @@ def decode(data: bytes) -> Any:
     return walk(header)
 
 
+def quiesce() -> None:
+    """Wait for every stream: mlx-lm computes the next token ahead on its own stream, and a
+    collective of ours overtaking the model's would pair with another rank's different one."""
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
+    mx.synchronize()
+
+
 def broadcast_bytes(data: Optional[bytes], world) -> bytes:
     """Rank 0's bytes on every rank: an all_sum where the other ranks add zeros."""
+    quiesce()
     mine = data if world.rank() == 0 else b""
     n = mx.distributed.all_sum(mx.array([len(mine)], dtype=mx.int32), group=world, stream=mx.cpu)
     size = int(n.item())

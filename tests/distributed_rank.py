@@ -1,8 +1,9 @@
 """One rank of tests/test_distributed.py (run under mlx.launch, or alone as the one-process oracle).
 
-usage: python distributed_rank.py OUT_DIR MODE PATH [MODE PATH ...]   (MODE: tensor, pipeline, none)
-Writes OUT_DIR/rank<R>-<i>.json per job: logits of a fixed image prompt, greedy `generate` text and
-tokens, a two-turn ChatSession, and the process's peak memory right after loading.
+usage: python distributed_rank.py OUT_DIR MODE PATH [MODE PATH ...]   (MODE: tensor, pipeline, none;
+MODE-load: load and measure only)
+Writes OUT_DIR/rank<R>-<i>.json per job: the process's peak memory right after loading, then logits
+of a fixed image prompt, greedy `generate` text and tokens and a two-turn ChatSession.
 """
 
 import gc
@@ -25,11 +26,14 @@ def image():
 
 
 def run(path: str, mode: str) -> dict:
+    mode, _, only = mode.partition("-")
     gc.collect()  # the previous job's model is gone before this one's peak is measured
     mx.clear_cache()
     mx.reset_peak_memory()
     model, processor = load(path, distributed=None if mode == "none" else mode)
     peak_after_load = mx.get_peak_memory()
+    if only == "load":
+        return {"rank": mx.distributed.init().rank(), "peak_after_load": peak_after_load}
     img = image()
     batch = processor(text=processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}],

@@ -45,13 +45,13 @@ class _Rank:
 
 
 @contextlib.contextmanager
-def _errors(rank: Optional[_Rank]):
+def _errors(rank: _Rank, own: bool = False):
     """Rank 0 reports; the other ranks exit quietly on errors rank 0 reports too (they mirror its work)
-    but name themselves on their own (load, lost connection, a digest that differs)."""
+    but name themselves, with status 1, on their own (load, lost connection, a digest that differs)."""
     from ..distributed import DistributedError, lost_connection
 
-    leader = rank is None or rank.leader
-    prefix = "" if leader else f"rank {rank.rank}: "
+    leader = rank.leader or own  # own: a failure of this rank alone, which every rank reports
+    prefix = "" if rank.leader else f"rank {rank.rank}: "
     try:
         yield
     except DistributedError as e:
@@ -63,8 +63,12 @@ def _errors(rank: Optional[_Rank]):
         fail(prefix + message)
     except LlavaNextError as e:
         if leader:
-            fail(str(e))
-        raise typer.Exit(1)
+            fail(prefix + str(e))
+        raise typer.Exit(0)  # not 1: mlx.launch would kill rank 0 before it prints the error
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: rank 0 alone says so
+        if rank.leader:
+            raise
+        raise typer.Exit(130)
 
 
 def _start(mode: str, model_name: str, read_inputs):
@@ -91,7 +95,7 @@ def _start(mode: str, model_name: str, read_inputs):
     with _errors(rank):
         if "error" in message:
             raise LlavaNextError(message["error"])
-    with _errors(None):  # from here a rank's own failure is its own: it names itself
+    with _errors(rank, own=True):  # from here a rank's failure is its own: it names itself
         try:
             path = resolve_model_path(resolve_model_arg(model_name))
             if not rank.leader and distributed.environment_digest(path) != message["environment"]:
