@@ -138,7 +138,7 @@ def cli(*args, **kw):
                             stderr=subprocess.PIPE, **kw)
 
 
-@pytest.mark.slow  # two CLI subprocesses: ~25 s alone, 50-90 s on a machine shared with training
+@pytest.mark.slow  # two CLI subprocesses: 47-94 s measured on this 2-core machine while training ran
 def test_resume_after_kill_9(tiny, tmp_path):
     pdf = save_pdf(tmp_path / "long.pdf", small_pages(20, seed=5), 100)
     args = ["ocr", pdf, "--model", tiny.path, "--dpi", 100, "--layout", "whole", "--max-tokens", 12, "--format", "json"]
