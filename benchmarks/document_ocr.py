@@ -13,6 +13,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mlx_llava_next.text_metrics import edit_distance
+
 MONO = "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf"
 WORDS = ("invoice total paid order number date account balance office street north river market lamp "
          "window garden paper ledger copy page print scan line table chair model train value price due").split()
@@ -82,16 +84,6 @@ def save_pdf(path, images: Sequence[Image.Image], dpi: int) -> Path:
     """A multi-page PDF of the images, each page sized so it prints at `dpi` (Pillow's PDF writer)."""
     images[0].save(path, save_all=True, append_images=list(images[1:]), resolution=float(dpi))
     return Path(path)
-
-
-def edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def cer(reference: str, hypothesis: str) -> float:

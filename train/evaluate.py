@@ -7,20 +7,12 @@ from collections import defaultdict
 
 import numpy as np
 
+from mlx_llava_next.text_metrics import edit_distance
+
 from . import data
 
 FONTS = ("mono", "sans", "serif", "pillow")
 SIZE_BUCKETS = ((16, 22), (23, 29), (30, 36))
-
-
-def edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def heldout_set(n: int, seed: int, fonts=FONTS, text_px=(16, 36)):

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_llava_next.config import LlavaNextConfig
 from mlx_llava_next.image_processing import ImageProcessor
 from mlx_llava_next.model import Model
+from mlx_llava_next.text_metrics import edit_distance
 
 from . import data, export, fast
 
@@ -157,16 +158,6 @@ def greedy_read(model: Model, pixels, sizes, max_chars: int):
             s.append(export.VOCAB[t] if 4 <= t < export.IMAGE else "")
         texts.append("".join(s))
     return texts
-
-
-def edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def heldout_lines(seed: int, n: int):
