@@ -16,6 +16,7 @@ from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, make_prompt_
 from . import anyres
 from .config import LlavaNextConfig
 from .errors import PromptError
+from .rope import use_reference_rope
 from .vision import VisionArgs, VisionTower
 
 
@@ -68,6 +69,7 @@ class Model(nn.Module):
         self.language_model = arch.Model(arch.ModelArgs.from_dict(config.mlx_lm_args()))
         if config.sliding_window is not None:
             use_sliding_window(self.language_model, config.sliding_window)
+        use_reference_rope(self.language_model)  # transformers' float32 angles (rope.py)
 
     # -- geometry -------------------------------------------------------------------------
     @property
