@@ -133,9 +133,6 @@ def _seeded(opts: dict) -> dict:
 
 
 def generate(mode, model_name, prompt, image_paths: List[str], system, raw, opts, as_json, verbose):
-    import json
-
-    from ..generate import stream_generate
     from . import generate as cmd
 
     def read_inputs():
@@ -144,31 +141,8 @@ def generate(mode, model_name, prompt, image_paths: List[str], system, raw, opts
     rank, m, processor, inputs = _start(mode, model_name, read_inputs)
     images, opts = _images(inputs["images"]), inputs["opts"]
     with _errors(rank):
-        reader = cmd.line_reader(model_name) if images else None
-        if reader is not None:  # a line reader transcribes; the prompt is not used
-            text = cmd.read_lines(m, processor, reader, images)
-            rank.agree([text])
-            if rank.leader:
-                print(json.dumps({"text": text, "finish_reason": "stop"}) if as_json else text)
-            return
-        text, tokens, last = [], [], None
-        for last in stream_generate(m, processor, prompt, images, raw=True if raw else None, system=system, **opts):
-            text.append(last.text)
-            tokens.append(last.token)
-            if rank.leader and not as_json:
-                print(last.text, end="", flush=True)
-        rank.agree(tokens)
-    if not rank.leader:
-        return
-    if as_json:
-        stats = {k: getattr(last, k) for k in ("prompt_tokens", "generation_tokens", "ttft", "prompt_tps",
-                                               "generation_tps", "peak_memory")}
-        stats["ranks"] = rank.world.size()
-        print(json.dumps({"text": "".join(text), "tokens": tokens, "finish_reason": last.finish_reason, "stats": stats}))
-    else:
-        print()
-    if verbose:
-        typer.echo(cmd.stats_line(last), err=True)
+        cmd.answer(m, processor, model_name, prompt, images, system, raw, opts, as_json, verbose,
+                   leader=rank.leader, agree=rank.agree, extra_stats={"ranks": rank.world.size()})
 
 
 # -- chat -------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def generate_command(
     """
     opts = sampling_options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop)
     with user_errors():
-        from ..generate import Sampling, check_text, stream_generate
+        from ..generate import Sampling, check_text
 
         Sampling.from_kwargs(**opts)  # bad options fail before the model loads
         check_text("--prompt", prompt)
@@ -161,20 +161,35 @@ def generate_command(
             return split.generate(distributed, model, prompt, image or [], system, raw, opts, as_json, verbose)
         images = [_checked_image(p) for p in image or []]
         m, processor = load_model(model)
-        reader = line_reader(model) if images else None
-        if reader is not None:  # a line reader transcribes; the prompt is not used
-            text = read_lines(m, processor, reader, images)
+        answer(m, processor, model, prompt, images, system, raw, opts, as_json, verbose)
+
+
+def answer(m, processor, model: str, prompt, images, system, raw, opts, as_json, verbose,
+           leader: bool = True, agree=lambda values: None, extra_stats=None) -> None:
+    """One answer, streamed (or one JSON object). Under --distributed every rank runs it: only the
+    leader prints, and `agree` checks the ranks produced the same output (commands/distributed.py)."""
+    from ..generate import stream_generate
+
+    reader = line_reader(model) if images else None
+    if reader is not None:  # a line reader transcribes; the prompt is not used
+        text = read_lines(m, processor, reader, images)
+        agree([text])
+        if leader:
             print(json.dumps({"text": text, "finish_reason": "stop"}) if as_json else text)
-            return
-        text, tokens, last = [], [], None
-        for last in stream_generate(m, processor, prompt, images, raw=True if raw else None, system=system, **opts):
-            text.append(last.text)
-            tokens.append(last.token)
-            if not as_json:
-                print(last.text, end="", flush=True)
+        return
+    text, tokens, last = [], [], None
+    for last in stream_generate(m, processor, prompt, images, raw=True if raw else None, system=system, **opts):
+        text.append(last.text)
+        tokens.append(last.token)
+        if leader and not as_json:
+            print(last.text, end="", flush=True)
+    agree(tokens)
+    if not leader:
+        return
     if as_json:
         stats = {k: getattr(last, k) for k in ("prompt_tokens", "generation_tokens", "ttft", "prompt_tps",
                                                "generation_tps", "peak_memory")}
+        stats.update(extra_stats or {})
         print(json.dumps({"text": "".join(text), "tokens": tokens, "finish_reason": last.finish_reason, "stats": stats}))
     else:
         print()
