@@ -13,8 +13,8 @@ if sys.platform.startswith("linux"):
     ext_modules.append(
         Extension(
             "mlx_llava_next._fastpath",
-            sources=["native/fastpath.c"],
-            extra_compile_args=["-O3", "-pthread", "-ffp-contract=off"],
+            sources=["native/fastpath.c", "native/pool.c"],
+            extra_compile_args=["-O3", "-pthread", "-ffp-contract=off", "-fvisibility=hidden"],
             extra_link_args=["-pthread"],
             libraries=["dl"],
             optional=True,
