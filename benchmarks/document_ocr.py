@@ -86,16 +86,50 @@ def save_pdf(path, images: Sequence[Image.Image], dpi: int) -> Path:
     return Path(path)
 
 
+def _norm(s: str) -> str:
+    return "\n".join(" ".join(l.split()) for l in s.strip().splitlines() if l.strip())
+
+
 def cer(reference: str, hypothesis: str) -> float:
     """Character error rate over the lines (whitespace runs collapsed, line breaks kept)."""
-    norm = lambda s: "\n".join(" ".join(l.split()) for l in s.strip().splitlines() if l.strip())
-    ref, hyp = norm(reference), norm(hypothesis)
+    ref, hyp = _norm(reference), _norm(hypothesis)
     return edit_distance(ref, hyp) / max(1, len(ref))
 
 
-def single_line_cer(model, processor, reader, texts: Sequence[str], dpi: int, pt: float) -> float:
+def errors_and_chars(references: Sequence[str], hypotheses: Sequence[str]) -> Tuple[int, int]:
+    """(wrong characters, characters) over pages, as `cer` counts them."""
+    pairs = [(_norm(r), _norm(h)) for r, h in zip(references, hypotheses)]
+    return sum(edit_distance(r, h) for r, h in pairs), sum(len(r) for r, _ in pairs)
+
+
+def machine() -> dict:
+    """Where a result was measured: CPU, cores, platform and the git commit of the code."""
+    import os
+    import platform
+    import subprocess
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "mlx_llava_next", "benchmarks"],
+                                    capture_output=True, text=True, cwd=Path(__file__).resolve().parent,
+                                    timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "commit": commit, "uncommitted_changes": dirty, "load_average": list(os.getloadavg())}
+
+
+def single_line_cer(model, processor, reader, texts: Sequence[str], dpi: int, pt: float, counts: bool = False):
     """The model's CER on the same lines, each set alone at the same size on a strip of paper that goes
-    through the same PDF writer and renderer as the pages (same JPEG), read as one image (`whole`)."""
+    through the same PDF writer and renderer as the pages (same JPEG), read as one image (`whole`).
+    With `counts`: (CER, wrong characters, characters)."""
     import tempfile
 
     from mlx_llava_next.documents.engine import PageReader
@@ -117,7 +151,7 @@ def single_line_cer(model, processor, reader, texts: Sequence[str], dpi: int, pt
                 src.close()
                 errors += edit_distance(" ".join(line.split()), " ".join(got.split()))
                 chars += len(" ".join(line.split()))
-    return errors / max(1, chars)
+    return (errors / max(1, chars), errors, chars) if counts else errors / max(1, chars)
 
 
 def _as_one_image(model, processor, pdf, dpi, max_tokens=256) -> dict:
@@ -144,6 +178,7 @@ def main(argv=None):
     ap.add_argument("--pt", type=float, nargs="+", default=[10.0, 12.0])
     ap.add_argument("--layouts", nargs="+", default=["whole", "bands"],
                     help="whole, bands, auto, or image (each page through generate as one image)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the page text")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -158,9 +193,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for dpi in args.dpi:
             for pt in args.pt:
-                images, texts = document(args.pages, args.lines, dpi, pt, seed=1)
+                images, texts = document(args.pages, args.lines, dpi, pt, seed=args.seed)
                 pdf = save_pdf(Path(tmp) / f"letter-{dpi}-{pt}.pdf", images, dpi)
-                line = single_line_cer(model, processor, reader, texts[:1], dpi, pt)
+                # the same lines as the pages hold (every page), each alone
+                line, line_errors, line_chars = single_line_cer(model, processor, reader, texts, dpi, pt, counts=True)
                 for lay in args.layouts:
                     start = time.perf_counter()
                     if lay == "image":  # the page given to the model as one image, no line cutting
@@ -169,14 +205,18 @@ def main(argv=None):
                         doc = ocr_document(model, processor, pdf, layout=lay, dpi=dpi, reader=reader,
                                            model_path=resolve_model_arg(args.model))
                     secs = (time.perf_counter() - start) / len(doc["pages"])
-                    page_cer = float(np.mean([cer(t, p["text"]) for t, p in zip(texts, doc["pages"])]))
+                    wrong, chars = errors_and_chars(texts, [p["text"] for p in doc["pages"]])
+                    page_cer = wrong / max(1, chars)  # over all pages' characters, as the single lines are counted
                     row = dict(dpi=dpi, pt=pt, layout=lay, cer=round(page_cer, 4), line_cer=round(line, 4),
+                               errors=wrong, chars=chars, line_errors=line_errors, line_chars=line_chars,
                                seconds_per_page=round(secs, 2), calls_per_page=float(np.mean([len(p["bands"]) for p in doc["pages"]])))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+        settings = {"pages": args.pages, "lines": args.lines, "seed": args.seed, "layouts": args.layouts}
+        args.json.write_text(json.dumps({"model": args.model, "settings": settings, "machine": machine(),
+                                         "rows": rows}, indent=2) + "\n")
     print("\n| dpi | pt | layout | page CER | single-line CER | s/page |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dpi']} | {r['pt']:g} | {r['layout']} | {r['cer']:.1%} | {r['line_cer']:.1%} | {r['seconds_per_page']:.1f} |")
