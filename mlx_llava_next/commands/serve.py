@@ -10,14 +10,17 @@ from .common import DEFAULT_MODEL, fail, user_errors
 
 def start_server(model, processor, model_id: str, *, host="127.0.0.1", port=8080, api_key=None, media_dir=None,
                  max_queue=16, max_tokens=512, cache_entries=4, cache_mb=2048, image_cache_mb=512,
-                 max_body_mb=64, max_image_mb=20, fetch_timeout=10.0, allow_fetch=True, log=None):
-    """A bound (not yet serving) Server with its Engine; call serve_forever() on it."""
+                 max_body_mb=64, max_image_mb=20, fetch_timeout=10.0, allow_fetch=True, log=None, reader=None,
+                 model_path=None):
+    """A bound (not yet serving) Server with its Engine; call serve_forever() on it. `reader`: the model's
+    line-reader settings (lines.py) for POST /v1/ocr; `model_path` names the model in OCR results."""
     from ..server.app import Server
     from ..server.engine import Engine
     from ..server.images import ImagePolicy
 
     engine = Engine(model, processor, model_id, max_queue=max_queue, default_max_tokens=max_tokens,
-                    cache_entries=cache_entries, cache_bytes=cache_mb << 20, image_cache_bytes=image_cache_mb << 20)
+                    cache_entries=cache_entries, cache_bytes=cache_mb << 20, image_cache_bytes=image_cache_mb << 20,
+                    reader=reader, model_path=model_path)
     policy = ImagePolicy(media_dir=str(media_dir) if media_dir else None, max_bytes=max_image_mb << 20,
                          timeout=fetch_timeout, allow_remote=allow_fetch)
     return Server(engine, host, port, api_key=api_key, images=policy, max_body_bytes=max_body_mb << 20, log=log)
@@ -42,19 +45,20 @@ def serve_command(
 
     Example: python cli.py serve --model llava-hf/llava-v1.6-mistral-7b-hf --port 8080
     """
-    from .generate import load_model
+    from .generate import line_reader, load_model, resolve_model_arg
 
     if media_dir is not None and not media_dir.is_dir():
         fail(f"--media-dir {media_dir}: not a directory")
     with user_errors():
         typer.echo(f"loading {model} ...", err=True)
         m, processor = load_model(model)
+        reader, model_path = line_reader(model), str(resolve_model_arg(model))  # for POST /v1/ocr, as cli.py ocr
     try:
         server = start_server(m, processor, model, host=host, port=port, api_key=api_key, media_dir=media_dir,
                               max_queue=max_queue, max_tokens=max_tokens, cache_entries=cache_entries,
                               cache_mb=cache_mb, image_cache_mb=image_cache_mb, max_body_mb=max_body_mb,
                               fetch_timeout=fetch_timeout, allow_fetch=fetch,
-                              log=lambda line: typer.echo(line, err=True))
+                              log=lambda line: typer.echo(line, err=True), reader=reader, model_path=model_path)
     except OSError as e:
         fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
     if not server.loopback_only and api_key is None:

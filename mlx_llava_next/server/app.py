@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..errors import LlavaNextError
+from .documents import parse_ocr_request
 from .engine import Engine, Job
 from .images import ImagePolicy, fetch_image
 from .schema import ApiError, parse_chat_request, parse_json
@@ -113,13 +114,15 @@ class Handler(BaseHTTPRequestHandler):
             self._authorize()
             self._send_json(200, {"object": "list", "data": [
                 {"id": self.server.engine.model_id, "object": "model", "created": 0, "owned_by": "mlx-llava-next"}]})
-        elif route == "/v1/chat/completions":
-            raise ApiError(405, "use POST for /v1/chat/completions", code="method_not_allowed")
+        elif route in ("/v1/chat/completions", "/v1/ocr"):
+            raise ApiError(405, f"use POST for {route}", code="method_not_allowed")
         else:
             raise ApiError(404, f"no route {self.command} {route}", code="not_found")
 
     def _post(self) -> None:
         route = self._route()
+        if route == "/v1/ocr":
+            return self._post_ocr()
         if route != "/v1/chat/completions":
             raise ApiError(404, f"no route {self.command} {route}", code="not_found")
         self._authorize()
@@ -138,6 +141,24 @@ class Handler(BaseHTTPRequestHandler):
                 self._complete(job)
         finally:
             job.cancelled.set()  # no-op when finished; stops the worker when this client left
+
+    def _post_ocr(self) -> None:
+        """A PDF or image through the document engine; the answer is what `cli.py ocr --format F` writes."""
+        self._authorize()
+        request = parse_ocr_request(parse_json(self._read_body()))
+        job = self.server.engine.submit_ocr(request)
+        try:
+            result = next(iter(self._events(job)), None)
+            if result is None or job.cancelled.is_set():
+                return  # the client has gone
+            data = result[0].encode()
+            self.send_response(200)
+            self.send_header("Content-Type", request.content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        finally:
+            job.cancelled.set()  # no-op when finished; stops the worker after its page when this client left
 
     def _check_host(self) -> None:
         host = self.headers.get("Host")
@@ -196,6 +217,8 @@ class Handler(BaseHTTPRequestHandler):
                     return
                 continue
             if kind == "error":
+                if isinstance(value, ApiError):
+                    raise value
                 if isinstance(value, LlavaNextError):
                     raise ApiError(400, str(value), code="invalid_request")
                 raise ApiError(500, f"generation failed: {type(value).__name__}: {value}", type="server_error")

@@ -1,4 +1,5 @@
-"""One model behind one worker thread: a bounded request queue, a prompt (KV) cache and an image-feature cache."""
+"""One model behind one worker thread: a bounded request queue (chat generations and document OCR), a prompt (KV)
+cache and an image-feature cache."""
 
 import dataclasses
 import queue
@@ -41,6 +42,26 @@ class Job:
     generated: int = 0
 
 
+@dataclass
+class OcrJob:
+    """A document to OCR (`POST /v1/ocr`) through documents.engine on the worker; its events are
+    ("result", (text, document)) then ("done", None), or ("error", e)."""
+
+    request: Any  # server.documents.OcrRequest
+    id: str = field(default_factory=lambda: "ocr-" + uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+    events: "queue.Queue" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    outcome: Optional[str] = None  # "stop" / "cancelled" / "error"
+    pages_done: int = 0
+
+
+class _Cancelled(Exception):
+    """The client of an OCR job went away: stop after the current page."""
+
+
 class FeatureCache:
     """Packed image features by content hash, least recently used dropped first (count and bytes bound)."""
 
@@ -73,10 +94,13 @@ class Engine:
 
     def __init__(self, model, processor, model_id: str, *, max_queue: int = 16, default_max_tokens: int = 512,
                  cache_entries: int = 4, cache_bytes: int = 2 << 30, image_cache_entries: int = 32,
-                 image_cache_bytes: int = 512 << 20, min_reuse_tokens: int = 32):
+                 image_cache_bytes: int = 512 << 20, min_reuse_tokens: int = 32, reader=None,
+                 model_path: Optional[str] = None):
         from mlx_lm.models.cache import LRUPromptCache
 
         self.model, self.processor, self.model_id = model, processor, model_id
+        self.reader = reader  # line-reader settings (lines.py) of a model that reads one line at a time
+        self.model_path = model_path or model_id  # names the model in OCR results, as `cli.py ocr` does
         self.default_max_tokens = default_max_tokens
         self.min_reuse_tokens = min_reuse_tokens
         self.prompt_cache = LRUPromptCache(max_size=cache_entries, max_bytes=cache_bytes)
@@ -129,7 +153,13 @@ class Engine:
             )
         except (LlavaNextError, TypeError, ValueError) as e:
             raise ApiError(400, str(e), code="invalid_request") from None
-        job = Job(prepared, sampling)
+        return self._enqueue(Job(prepared, sampling))
+
+    def submit_ocr(self, request) -> OcrJob:
+        """Queue a document (server.documents.OcrRequest); the same queue and 429 as chat requests."""
+        return self._enqueue(OcrJob(request))
+
+    def _enqueue(self, job):
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -158,13 +188,14 @@ class Engine:
                 continue
             self.busy, job.started = job, time.perf_counter()
             try:
-                self._generate(job)
+                (self._ocr if isinstance(job, OcrJob) else self._generate)(job)
             except Exception as e:  # noqa: BLE001  (reported to the client; the worker goes on)
                 job.outcome = "error"
                 job.events.put(("error", e))
             finally:
                 job.finished = time.perf_counter()
-                job.prepared.images = []  # the decoded images are not needed any more
+                if isinstance(job, Job):
+                    job.prepared.images = []  # the decoded images are not needed any more
                 if job.cancelled.is_set():  # nobody will read what is left (tokens hold logprobs)
                     while not job.events.empty():
                         job.events.get_nowait()
@@ -209,6 +240,46 @@ class Engine:
         finally:
             if ok:
                 self._store(p.key + generated, cache)
+        job.events.put(("done", None))
+
+    def _ocr(self, job: OcrJob) -> None:
+        """The uploaded file in a private temporary folder, read by documents.engine.ocr_document (PDFium
+        is used from this thread only); stops between pages when the client has gone."""
+        import os
+        import tempfile
+        from pathlib import Path
+
+        from ..documents import output
+        from ..documents.engine import ocr_document
+        from ..errors import LlavaNextError
+
+        r = job.request
+
+        def page_done(_record):
+            job.pages_done += 1
+            if job.cancelled.is_set():
+                raise _Cancelled()
+
+        with tempfile.TemporaryDirectory(prefix="llava-ocr-") as folder:
+            path = Path(folder) / ("document.pdf" if r.kind == "pdf" else "document.image")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(r.data)
+            try:
+                document = ocr_document(self.model, self.processor, path, layout=r.layout, dpi=r.dpi, pages=r.pages,
+                                        prompt=r.prompt, max_tokens=r.max_tokens, model_path=self.model_path,
+                                        reader=self.reader, on_page=page_done)
+            except _Cancelled:
+                job.outcome = "cancelled"
+                return
+            except LlavaNextError as e:  # broken, truncated, encrypted, no pages, a page over the pixel limit
+                message = " ".join(str(e).split()).replace(str(path), r.filename)
+                job.outcome = "error"
+                job.events.put(("error", ApiError(400, message, param="file", code="invalid_document")))
+                return
+        document["source"] = r.filename
+        job.outcome = "stop"
+        job.events.put(("result", (output.render(document, r.fmt), document)))
         job.events.put(("done", None))
 
     def _features_from(self, p: Prepared, keep: int) -> List[Any]:
