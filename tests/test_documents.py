@@ -139,7 +139,8 @@ def cli(*args, **kw):
 
 
 @pytest.mark.slow  # two CLI subprocesses: 47-94 s measured on this 2-core machine while training ran
-def test_resume_after_kill_9(tiny, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_resume_after_kill_9_or_ctrl_c(tiny, tmp_path, sig):
     pdf = save_pdf(tmp_path / "long.pdf", small_pages(20, seed=5), 100)
     args = ["ocr", pdf, "--model", tiny.path, "--dpi", 100, "--layout", "whole", "--max-tokens", 12, "--format", "json"]
     out = tmp_path / "out"
@@ -150,9 +151,14 @@ def test_resume_after_kill_9(tiny, tmp_path):
         if state.exists() and state.read_bytes().count(b"\n") >= 3:  # header + at least two pages
             break
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    os.kill(proc.pid, sig)  # SIGINT: what Ctrl-C sends to the foreground process
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    else:
+        assert proc.returncode == 130, err.decode()
+        assert "interrupted:" in err.decode() and "run the same command again" in err.decode()
+        assert "Traceback" not in err.decode()
     assert not (out / "long.json").exists()  # never a half-written output
     recorded = {}
     for raw in state.read_bytes().split(b"\n")[1:]:
@@ -179,6 +185,49 @@ def test_resume_after_kill_9(tiny, tmp_path):
     strip = lambda d: [{k: v for k, v in p.items() if k != "seconds"} for p in d["pages"]]
     assert [p["page"] for p in fresh["pages"]] == list(range(1, 21))
     assert strip(resumed) == strip(fresh)
+
+
+def test_recursive_folders(tiny, tmp_path):
+    tree = tmp_path / "in"
+    for folder in ("a", "d", "c", "empty", ".hidden", "only/x"):
+        (tree / folder).mkdir(parents=True)
+    images = small_pages(4, seed=8)
+    images[0].save(tree / "top.png")
+    images[1].save(tree / "a" / "page.png")  # the same name in two folders: two outputs
+    save_pdf(tree / "d" / "page.pdf", images[2:4], 100)  # a PDF of 2 pages among the images
+    images[0].save(tree / ".hidden" / "secret.png")  # hidden folder: not read
+    images[0].save(tree / ".dot.png")  # hidden file: not read
+    (tree / "readme.txt").write_text("not an image")  # other files: passed over
+    (tree / "c" / "notes.md").write_text("no images in this subfolder")
+    images[1].save(tree / "only" / "x" / "deep.png")
+    opts = ["--model", tiny.path, "--layout", "whole", "--dpi", 100, "--max-tokens", 4]
+
+    flat = invoke("ocr", tree, *opts, "--out", tmp_path / "flat")
+    assert flat.exit_code == 0 and "1 written" in flat.stderr, flat.output  # without --recursive: top.png only
+    assert sorted(p.name for p in (tmp_path / "flat").iterdir()) == ["top.txt"]
+
+    out = tmp_path / "out"
+    result = invoke("ocr", tree, *opts, "--recursive", "--out", out)
+    assert result.exit_code == 0 and errors_of(result.stderr) == [], result.output  # empty subfolders are no error
+    assert "4 written" in result.stderr and "5 pages read" in result.stderr
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["a/page.txt", "d/page.txt", "only/x/deep.txt", "top.txt"], written  # the tree kept under --out
+    for rel, source in [("a/page.txt", tree / "a" / "page.png"), ("d/page.txt", tree / "d" / "page.pdf")]:
+        alone = invoke("ocr", source, *opts, "--out", tmp_path / "alone" / rel.split("/")[0])
+        assert alone.exit_code == 0
+        assert (out / rel).read_text() == (tmp_path / "alone" / rel).read_text()
+    assert (out / "d" / "page.txt").read_text().count("\f") == 1  # both PDF pages
+
+    again = invoke("ocr", tree, *opts, "--recursive", "--out", out)
+    assert again.exit_code == 0 and "0 written, 4 skipped" in again.stderr
+
+    nothing = invoke("ocr", tree / "c", *opts, "--recursive")
+    assert nothing.exit_code == 1 and errors_of(nothing.stderr) == [
+        f"error: {tree / 'c'}: no image or PDF files in this folder"]
+    nested = invoke("ocr", tree / "only", *opts)
+    assert nested.exit_code == 1 and "--recursive also looks in its subfolders" in nested.stderr
+    beside = invoke("ocr", tree / "only", *opts, "--recursive")  # no --out: beside each input
+    assert beside.exit_code == 0 and (tree / "only" / "x" / "deep.txt").exists()
 
 
 def test_torn_record_and_changed_settings_start_clean(tiny, four_pages, tmp_path):

@@ -214,7 +214,7 @@ def plan(paths: Sequence[Path], out: Optional[Path], fmt: str, recursive: bool, 
         if to_stdout:
             jobs.append(Job(src, None, None))
             continue
-        target = outputs.target(src.path, out, fmt)
+        target = outputs.target(src.path, out, fmt, src.folder)
         if target in targets:
             report.errors.append(f"{src.path}: its output {target} is also the output of {targets[target]}; "
                                  f"OCR them separately")
@@ -262,6 +262,11 @@ def run(jobs: List[Job], model, processor, settings: Settings, fmt: str, model_p
                 bar.advance()
 
             try:
+                if job.target is not None:
+                    from ..outputs import write_errors
+
+                    with write_errors(job.target):  # a subfolder of --out (--recursive), for the record too
+                        job.target.parent.mkdir(parents=True, exist_ok=True)
                 doc = ocr_document(model, processor, job.source, layout=settings.layout, dpi=dpi,
                                    pages=settings.pages, prompt=settings.prompt, max_tokens=settings.max_tokens,
                                    model_path=model_path, reader=reader, state=job.state, page_reader=pr,

@@ -8,9 +8,10 @@ FORMATS = ("txt", "md", "json", "jsonl")
 FORM_FEED = "\f"
 
 
-def target(source: Path, out: Optional[Path], fmt: str) -> Path:
-    """Where the output of `source` goes: <out or its folder>/<name>.<fmt>."""
-    return (out if out is not None else source.parent) / f"{source.stem}.{fmt}"
+def target(source: Path, out: Optional[Path], fmt: str, folder: Path = Path()) -> Path:
+    """Where the output of `source` goes: beside it as <name>.<fmt>, or in <out>/<folder>/ where `folder` is
+    where the source lies below the folder argument it was found in (--recursive keeps the tree)."""
+    return (out / folder if out is not None else source.parent) / f"{source.stem}.{fmt}"
 
 
 def _page_text(text: str) -> str:

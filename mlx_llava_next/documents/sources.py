@@ -69,6 +69,7 @@ class Source:
     kind: str  # "image" or "pdf"
     pages: List[int] = field(default_factory=lambda: [1])
     page_count: int = 1
+    folder: Path = Path()  # where it lies below the folder argument it was found in (outputs keep that place)
     _pdf: object = None
 
     def render(self, page: int, dpi: int):
@@ -163,21 +164,21 @@ def expand(paths: Iterable[Path], recursive: bool = False, pages: Optional[str] 
     as one line per file and the rest goes on; a bad --pages spec raises DocumentError."""
     ranges = parse_pages(pages)
     errors = [] if errors is None else errors
-    files: List[Path] = []
+    files: List[Tuple[Path, Path]] = []  # (file, its folder below the folder argument)
     for path in map(Path, paths):
         if path.is_dir():
             walk = path.rglob("*") if recursive else path.iterdir()
-            found = sorted(p for p in walk if p.is_file() and _wanted(p))
+            found = sorted(p for p in walk if p.is_file() and _wanted(p.relative_to(path)))
             if not found:
                 more = "" if recursive else " (--recursive also looks in its subfolders)"
                 errors.append(f"{path}: no image or PDF files in this folder{more}")
-            files.extend(found)
+            files.extend((p, p.parent.relative_to(path)) for p in found)
         elif path.is_file():
-            files.append(path)
+            files.append((path, Path()))
         else:
             errors.append(f"{path}: file not found")
     sources = []
-    for f in files:
+    for f, folder in files:
         if f.suffix.lower() in PDF_SUFFIXES:
             try:
                 pdf = _open_pdf(f)
@@ -185,13 +186,16 @@ def expand(paths: Iterable[Path], recursive: bool = False, pages: Optional[str] 
                     count = len(pdf)
                 finally:
                     pdf.close()
-                sources.append(Source(f, "pdf", select_pages(ranges, count, str(f)), count))
+                sources.append(Source(f, "pdf", select_pages(ranges, count, str(f)), count, folder))
             except LlavaNextError as e:
                 errors.append(str(e) if str(e).startswith((f.name, str(f))) else f"{f}: {e}")
         else:
-            sources.append(Source(f, "image"))
+            sources.append(Source(f, "image", folder=folder))
     return sources
 
 
-def _wanted(p: Path) -> bool:
-    return not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES | PDF_SUFFIXES
+def _wanted(relative: Path) -> bool:
+    """Images and PDFs found in a folder, except hidden files and anything in hidden folders (.git,
+    .thumbnails, the run's own .ocr-state records); other files are passed over without a word."""
+    return (not any(part.startswith(".") for part in relative.parts)
+            and relative.suffix.lower() in IMAGE_SUFFIXES | PDF_SUFFIXES)
