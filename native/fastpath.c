@@ -1031,6 +1031,8 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+extern PyMethodDef kv_methods[]; /* native/kv.c */
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpath", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
@@ -1040,5 +1042,11 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
 #endif
     pool.size = default_threads();
     pthread_atfork(NULL, NULL, after_fork_child);
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    if (PyModule_AddFunctions(m, kv_methods) < 0) { /* kv.c: the KV cache's decode step */
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -1,0 +1,545 @@
+/*
+ * The KV cache's native side (see mlx_llava_next/kv_cache.py): one decode step's rope, cache write
+ * and attention with no MLX evaluation, and the prompt path's conversions into and out of the cache.
+ *
+ *   kv_decode:  rope (transformers' rotate-half, from one position's cos/sin row) on q and k, k and
+ *               v written into row `pos` of the cache (float16 or float32), then softmax(q K^T *
+ *               scale) V over rows [0, pos], each cached row read once for all query heads of its
+ *               group (GQA); kv heads split over the thread pool.
+ *   kv_store:   float32 rows [1, Hkv, n, D] into cache rows [start, start + n) (float16: RNE).
+ *   kv_load:    cache rows [0, n) as float32 [1, Hkv, n, D] (the prompt chunk's attention).
+ *
+ * With a float32 cache the arithmetic is that of fastpath.c's `attend` after MLX's ReferenceRoPE
+ * (same products and sums in the same order, -ffp-contract=off), so results equal the MLX-rope path
+ * bit for bit. AVX2+FMA+F16C where the CPU has it (checked at run time), scalar C else.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pool.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define KV_X86 1
+#include <immintrin.h>
+#define KV_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define KV_X86 0
+#endif
+
+static int kv_avx2 = -1; /* -1: not detected yet */
+
+static int avx2_supported(void) {
+#if KV_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+static int use_avx2(void) {
+    if (kv_avx2 < 0) kv_avx2 = avx2_supported();
+    return kv_avx2;
+}
+
+/* ---- scalar float16 <-> float32 (round to nearest even, as numpy and F16C) ---------------- */
+
+static float kv_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static uint16_t kv_float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+    if (ax >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 | ((ax >> 13) & 0x3ff) : 0));
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00); /* rounds past 65504: infinity */
+    if (ax < 0x38800000) { /* below the smallest normal half: a subnormal (or zero) */
+        if (ax < 0x33000000) return (uint16_t)sign; /* under half the smallest subnormal */
+        uint32_t e = ax >> 23, m = (ax & 0x7fffff) | 0x800000;
+        int shift = 126 - (int)e; /* 14..24 */
+        uint32_t q = m >> shift, rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rest > half || (rest == half && (q & 1))) q++;
+        return (uint16_t)(sign | q);
+    }
+    uint32_t q = (ax >> 13) - ((127 - 15) << 10), rest = ax & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (q & 1))) q++;
+    return (uint16_t)(sign | q);
+}
+
+/* ---- the decode step ------------------------------------------------------------------------ */
+
+typedef struct {
+    const float *q;       /* [H, D], rope applied */
+    char *k, *v;          /* cache [Hkv, cap, D] of float16 or float32 */
+    int half;             /* 1: float16 cache */
+    Py_ssize_t cap, H, Hkv, L, D;
+    float scale;
+    float *scores;        /* [H, L] scratch */
+    float *out;           /* [H, D] */
+} Decode;
+
+static inline float row_value(const char *row, int half, Py_ssize_t i) {
+    return half ? kv_half_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+static void softmax_scalar(float *row, Py_ssize_t n) {
+    float top = row[0], total = 0.0f;
+    for (Py_ssize_t j = 1; j < n; j++) top = row[j] > top ? row[j] : top;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        row[j] = expf(row[j] - top);
+        total += row[j];
+    }
+    for (Py_ssize_t j = 0; j < n; j++) row[j] *= 1.0f / total;
+}
+
+static void decode_heads_scalar(const Decode *a, Py_ssize_t h0, Py_ssize_t h1) {
+    Py_ssize_t G = a->H / a->Hkv, L = a->L, D = a->D, esize = a->half ? 2 : 4;
+    for (Py_ssize_t h = h0; h < h1; h++) {
+        const char *k = a->k + h * a->cap * D * esize, *v = a->v + h * a->cap * D * esize;
+        float *p = a->scores + h * G * L, *out = a->out + h * G * D;
+        const float *q = a->q + h * G * D;
+        for (Py_ssize_t j = 0; j < L; j++) {
+            const char *row = k + j * D * esize;
+            for (Py_ssize_t g = 0; g < G; g++) {
+                float total = 0.0f;
+                for (Py_ssize_t i = 0; i < D; i++) total += q[g * D + i] * row_value(row, a->half, i);
+                p[g * L + j] = total * a->scale;
+            }
+        }
+        for (Py_ssize_t g = 0; g < G; g++) softmax_scalar(p + g * L, L);
+        memset(out, 0, sizeof(float) * G * D);
+        for (Py_ssize_t j = 0; j < L; j++) {
+            const char *row = v + j * D * esize;
+            for (Py_ssize_t i = 0; i < D; i++) {
+                float x = row_value(row, a->half, i);
+                for (Py_ssize_t g = 0; g < G; g++) out[g * D + i] += p[g * L + j] * x;
+            }
+        }
+    }
+}
+
+#if KV_X86
+KV_AVX2 static inline float kv_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+KV_AVX2 static inline float kv_hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* e^x for 8 floats: the polynomial of fastpath.c's exp256 (Cephes' expf) */
+KV_AVX2 static inline __m256 kv_exp(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* softmax of row[0:n] in place, as fastpath.c's softmax_row_avx2 */
+KV_AVX2 static void softmax_avx2(float *row, Py_ssize_t n) {
+    Py_ssize_t j = 0;
+    __m256 top8 = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= n; j += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + j));
+    float top = kv_hmax(top8);
+    for (; j < n; j++) top = row[j] > top ? row[j] : top;
+    __m256 shift = _mm256_set1_ps(top), sum8 = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        __m256 e = kv_exp(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
+        _mm256_storeu_ps(row + j, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float total = kv_hsum(sum8);
+    for (; j < n; j++) {
+        row[j] = expf(row[j] - top);
+        total += row[j];
+    }
+    __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inv));
+    for (; j < n; j++) row[j] *= 1.0f / total;
+}
+
+KV_AVX2 static inline __m256 load8(const char *row, int half, Py_ssize_t i) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)));
+    return _mm256_loadu_ps((const float *)row + i);
+}
+
+/* The group's G query heads against one cached key row: G dot products, the row read once.
+   Per head the sums are those of fastpath.c's dot_avx2 (two accumulators, 16 values a step). */
+KV_AVX2 static void scores_avx2(const Decode *a, const char *krow, const float *q, Py_ssize_t G, float *p,
+                                Py_ssize_t j) {
+    Py_ssize_t D = a->D, L = a->L;
+    for (Py_ssize_t g0 = 0; g0 < G; g0 += 4) {
+        Py_ssize_t gn = G - g0 < 4 ? G - g0 : 4;
+        __m256 s[4][2];
+        for (Py_ssize_t g = 0; g < 4; g++) s[g][0] = s[g][1] = _mm256_setzero_ps();
+        Py_ssize_t i = 0;
+        for (; i + 16 <= D; i += 16) {
+            __m256 r0 = load8(krow, a->half, i), r1 = load8(krow, a->half, i + 8);
+            for (Py_ssize_t g = 0; g < gn; g++) {
+                const float *qg = q + (g0 + g) * D;
+                s[g][0] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), r0, s[g][0]);
+                s[g][1] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i + 8), r1, s[g][1]);
+            }
+        }
+        for (Py_ssize_t g = 0; g < gn; g++) {
+            const float *qg = q + (g0 + g) * D;
+            float total = kv_hsum(_mm256_add_ps(s[g][0], s[g][1]));
+            for (Py_ssize_t t = i; t < D; t++) total += qg[t] * row_value(krow, a->half, t);
+            p[(g0 + g) * L + j] = total * a->scale;
+        }
+    }
+}
+
+KV_AVX2 static void decode_heads_avx2(const Decode *a, Py_ssize_t h0, Py_ssize_t h1) {
+    Py_ssize_t G = a->H / a->Hkv, L = a->L, D = a->D, esize = a->half ? 2 : 4;
+    for (Py_ssize_t h = h0; h < h1; h++) {
+        const char *k = a->k + h * a->cap * D * esize, *v = a->v + h * a->cap * D * esize;
+        float *p = a->scores + h * G * L, *out = a->out + h * G * D;
+        const float *q = a->q + h * G * D;
+        for (Py_ssize_t j = 0; j < L; j++) scores_avx2(a, k + j * D * esize, q, G, p, j);
+        for (Py_ssize_t g = 0; g < G; g++) softmax_avx2(p + g * L, L);
+        memset(out, 0, sizeof(float) * G * D);
+        for (Py_ssize_t j = 0; j < L; j++) {
+            const char *row = v + j * D * esize;
+            Py_ssize_t i = 0;
+            for (; i + 8 <= D; i += 8) {
+                __m256 x = load8(row, a->half, i);
+                for (Py_ssize_t g = 0; g < G; g++) {
+                    float *o = out + g * D + i;
+                    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(p[g * L + j]), x, _mm256_loadu_ps(o)));
+                }
+            }
+            for (; i < D; i++) {
+                float x = row_value(row, a->half, i);
+                for (Py_ssize_t g = 0; g < G; g++) out[g * D + i] += p[g * L + j] * x;
+            }
+        }
+    }
+}
+#endif
+
+static void decode_task(void *arg, Py_ssize_t h0, Py_ssize_t h1) {
+    const Decode *a = (const Decode *)arg;
+#if KV_X86
+    if (use_avx2()) {
+        decode_heads_avx2(a, h0, h1);
+        return;
+    }
+#endif
+    decode_heads_scalar(a, h0, h1);
+}
+
+/* transformers' rotate-half on `heads` rows of D values: the first `dims` values rotate, in the
+   products and sums of rope.ReferenceRoPE (x1 * cos - x2 * sin, x2 * cos + x1 * sin) */
+static void rope_rows(float *x, Py_ssize_t heads, Py_ssize_t D, Py_ssize_t dims, const float *cos, const float *sin) {
+    Py_ssize_t half = dims / 2;
+    for (Py_ssize_t h = 0; h < heads; h++) {
+        float *r = x + h * D;
+        for (Py_ssize_t i = 0; i < half; i++) {
+            float x1 = r[i], x2 = r[i + half];
+            float a = x1 * cos[i], b = x2 * sin[i], c = x2 * cos[i], d = x1 * sin[i];
+            r[i] = a - b;
+            r[i + half] = c + d;
+        }
+    }
+}
+
+/* one row of D float32 values into a cache row */
+static void store_row(const float *src, char *dst, int half, Py_ssize_t D);
+
+/* ---- argument handling ---------------------------------------------------------------------- */
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} KvBuf;
+
+static void kv_release(KvBuf *b, int n) {
+    for (int i = 0; i < n; i++)
+        if (b[i].held) PyBuffer_Release(&b[i].view);
+}
+
+/* a C-contiguous float32 buffer of exactly `count` values */
+static int f32_buf(PyObject *o, KvBuf *b, int writable, Py_ssize_t count, const char *name) {
+    if (PyObject_GetBuffer(o, &b->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    b->held = 1;
+    if (b->view.itemsize != 4 || !b->view.format || strcmp(b->view.format, "f") != 0 || b->view.len != count * 4) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd float32 values (C order)", name, count);
+        return -1;
+    }
+    return 0;
+}
+
+/* a writable C-contiguous cache buffer [1, Hkv, cap, D] of float16 ('e') or float32 ('f') */
+static int cache_buf(PyObject *o, KvBuf *b, int writable, const char *name, Py_ssize_t *Hkv, Py_ssize_t *cap,
+                     Py_ssize_t *D, int *half) {
+    if (PyObject_GetBuffer(o, &b->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    b->held = 1;
+    const char *f = b->view.format;
+    int is_half = f && strcmp(f, "e") == 0 && b->view.itemsize == 2;
+    int is_float = f && strcmp(f, "f") == 0 && b->view.itemsize == 4;
+    if (b->view.ndim != 4 || b->view.shape[0] != 1 || !(is_half || is_float)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a float16 or float32 cache [1, kv heads, capacity, head dim] in C order",
+                     name);
+        return -1;
+    }
+    *Hkv = b->view.shape[1];
+    *cap = b->view.shape[2];
+    *D = b->view.shape[3];
+    *half = is_half;
+    return 0;
+}
+
+/*
+ * kv_decode(q [H*D], k [Hkv*D], v [Hkv*D] float32 (q and k are roped in place), cos, sin [dims/2]
+ * float32, kcache, vcache [1, Hkv, cap, D], pos, out [H*D] float32, scale, dims)
+ */
+static PyObject *py_kv_decode(PyObject *self, PyObject *args) {
+    PyObject *qo, *ko, *vo, *co, *so, *kco, *vco, *oo;
+    Py_ssize_t pos, dims;
+    float scale;
+    if (!PyArg_ParseTuple(args, "OOOOOOOnOfn", &qo, &ko, &vo, &co, &so, &kco, &vco, &pos, &oo, &scale, &dims))
+        return NULL;
+    KvBuf b[8];
+    memset(b, 0, sizeof(b));
+    Py_ssize_t Hkv, cap, D, Hkv2, cap2, D2;
+    int half, half2;
+    PyObject *result = NULL;
+    float *scores = NULL;
+    if (cache_buf(kco, &b[0], 1, "kcache", &Hkv, &cap, &D, &half) < 0) goto done;
+    if (cache_buf(vco, &b[1], 1, "vcache", &Hkv2, &cap2, &D2, &half2) < 0) goto done;
+    if (Hkv2 != Hkv || cap2 != cap || D2 != D || half2 != half) {
+        PyErr_SetString(PyExc_ValueError, "kcache and vcache differ in shape or dtype");
+        goto done;
+    }
+    if (pos < 0 || pos >= cap) {
+        PyErr_Format(PyExc_ValueError, "pos %zd outside the cache's %zd rows", pos, cap);
+        goto done;
+    }
+    if (dims < 0 || dims > D || dims % 2) {
+        PyErr_Format(PyExc_ValueError, "rope dims %zd: expected an even number <= head dim %zd", dims, D);
+        goto done;
+    }
+    if (PyObject_GetBuffer(qo, &b[2].view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) goto done;
+    b[2].held = 1;
+    Py_ssize_t H = b[2].view.len / 4 / (D ? D : 1);
+    if (D == 0 || b[2].view.itemsize != 4 || strcmp(b[2].view.format, "f") != 0 || H * D * 4 != b[2].view.len ||
+        H % Hkv != 0) {
+        PyErr_SetString(PyExc_ValueError, "q: expected float32 [heads * head dim], heads a multiple of the kv heads");
+        goto done;
+    }
+    if (f32_buf(ko, &b[3], 1, Hkv * D, "k") < 0 || f32_buf(vo, &b[4], 0, Hkv * D, "v") < 0 ||
+        f32_buf(co, &b[5], 0, dims / 2, "cos") < 0 || f32_buf(so, &b[6], 0, dims / 2, "sin") < 0 ||
+        f32_buf(oo, &b[7], 1, H * D, "out") < 0)
+        goto done;
+    scores = (float *)malloc(sizeof(float) * H * (pos + 1));
+    if (!scores) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Decode a;
+    a.q = (const float *)b[2].view.buf;
+    a.k = (char *)b[0].view.buf;
+    a.v = (char *)b[1].view.buf;
+    a.half = half;
+    a.cap = cap;
+    a.H = H;
+    a.Hkv = Hkv;
+    a.L = pos + 1;
+    a.D = D;
+    a.scale = scale;
+    a.scores = scores;
+    a.out = (float *)b[7].view.buf;
+    float *q = (float *)b[2].view.buf, *k = (float *)b[3].view.buf;
+    const float *v = (const float *)b[4].view.buf, *cs = (const float *)b[5].view.buf, *sn = (const float *)b[6].view.buf;
+    Py_ssize_t esize = half ? 2 : 4;
+    Py_BEGIN_ALLOW_THREADS
+    rope_rows(q, H, D, dims, cs, sn);
+    rope_rows(k, Hkv, D, dims, cs, sn);
+    for (Py_ssize_t h = 0; h < Hkv; h++) {
+        store_row(k + h * D, a.k + (h * cap + pos) * D * esize, half, D);
+        store_row(v + h * D, a.v + (h * cap + pos) * D * esize, half, D);
+    }
+    parallel_for(decode_task, &a, Hkv, 1);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    free(scores);
+    kv_release(b, 8);
+    return result;
+}
+
+/* ---- the prompt path's conversions ---------------------------------------------------------- */
+
+#if KV_X86
+KV_AVX2 static void store_row_avx2(const float *src, char *dst, int half, Py_ssize_t D) {
+    if (!half) {
+        memcpy(dst, src, sizeof(float) * D);
+        return;
+    }
+    uint16_t *d = (uint16_t *)dst;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= D; i += 8)
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < D; i++) d[i] = kv_float_to_half(src[i]);
+}
+
+KV_AVX2 static void load_row_avx2(const char *src, float *dst, int half, Py_ssize_t D) {
+    Py_ssize_t i = 0;
+    for (; i + 8 <= D; i += 8) _mm256_storeu_ps(dst + i, load8(src, half, i));
+    for (; i < D; i++) dst[i] = row_value(src, half, i);
+}
+#endif
+
+static void store_row(const float *src, char *dst, int half, Py_ssize_t D) {
+#if KV_X86
+    if (use_avx2()) {
+        store_row_avx2(src, dst, half, D);
+        return;
+    }
+#endif
+    if (!half) {
+        memcpy(dst, src, sizeof(float) * D);
+        return;
+    }
+    for (Py_ssize_t i = 0; i < D; i++) ((uint16_t *)dst)[i] = kv_float_to_half(src[i]);
+}
+
+static void load_row(const char *src, float *dst, int half, Py_ssize_t D) {
+#if KV_X86
+    if (use_avx2()) {
+        load_row_avx2(src, dst, half, D);
+        return;
+    }
+#endif
+    for (Py_ssize_t i = 0; i < D; i++) dst[i] = row_value(src, half, i);
+}
+
+typedef struct {
+    float *rows;   /* [Hkv, n, D] float32 */
+    char *cache;   /* [Hkv, cap, D] */
+    Py_ssize_t n, cap, D, start;
+    int half, to_cache;
+} Copy;
+
+static void copy_task(void *arg, Py_ssize_t r0, Py_ssize_t r1) {
+    const Copy *c = (const Copy *)arg;
+    Py_ssize_t esize = c->half ? 2 : 4;
+    for (Py_ssize_t r = r0; r < r1; r++) { /* r = head * n + row */
+        Py_ssize_t h = r / c->n, j = r % c->n;
+        float *f = c->rows + r * c->D;
+        char *slot = c->cache + (h * c->cap + c->start + j) * c->D * esize;
+        if (c->to_cache) store_row(f, slot, c->half, c->D);
+        else load_row(slot, f, c->half, c->D);
+    }
+}
+
+static PyObject *copy_rows(PyObject *rows_o, PyObject *cache_o, Py_ssize_t start, Py_ssize_t n, int to_cache) {
+    KvBuf b[2];
+    memset(b, 0, sizeof(b));
+    Py_ssize_t Hkv, cap, D;
+    int half;
+    PyObject *result = NULL;
+    if (cache_buf(cache_o, &b[0], to_cache, "cache", &Hkv, &cap, &D, &half) < 0) goto done;
+    if (PyObject_GetBuffer(rows_o, &b[1].view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (to_cache ? 0 : PyBUF_WRITABLE)) < 0)
+        goto done;
+    b[1].held = 1;
+    if (b[1].view.itemsize != 4 || strcmp(b[1].view.format, "f") != 0 || D == 0 || Hkv == 0 ||
+        b[1].view.len % (Hkv * D * 4) != 0) {
+        PyErr_SetString(PyExc_ValueError, "rows: expected float32 [1, kv heads, n, head dim] in C order");
+        goto done;
+    }
+    if (n < 0) n = b[1].view.len / (Hkv * D * 4);
+    if (n * Hkv * D * 4 != b[1].view.len || start < 0 || start + n > cap) {
+        PyErr_Format(PyExc_ValueError, "rows [%zd, %zd) do not fit the cache's %zd rows or the buffer", start, start + n, cap);
+        goto done;
+    }
+    Copy c = {(float *)b[1].view.buf, (char *)b[0].view.buf, n, cap, D, start, half, to_cache};
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(copy_task, &c, Hkv * n, 1);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    kv_release(b, 2);
+    return result;
+}
+
+/* kv_store(rows float32 [1, Hkv, n, D], cache, start): cache rows [start, start + n) = rows */
+static PyObject *py_kv_store(PyObject *self, PyObject *args) {
+    PyObject *ro, *co;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "OOn", &ro, &co, &start)) return NULL;
+    return copy_rows(ro, co, start, -1, 1);
+}
+
+/* kv_load(cache, out float32 [1, Hkv, n, D]): out = cache rows [0, n) as float32 */
+static PyObject *py_kv_load(PyObject *self, PyObject *args) {
+    PyObject *co, *oo;
+    if (!PyArg_ParseTuple(args, "OO", &co, &oo)) return NULL;
+    return copy_rows(oo, co, 0, -1, 0);
+}
+
+/* kv_set_simd(on): tests force the scalar path (False) or restore detection (True) */
+static PyObject *py_kv_set_simd(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    kv_avx2 = on ? avx2_supported() : 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_kv_simd(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(use_avx2() ? "avx2+fma+f16c" : "scalar");
+}
+
+PyMethodDef kv_methods[] = {
+    {"kv_decode", py_kv_decode, METH_VARARGS, "one decode step: rope q and k, write k and v at pos, attend over rows [0, pos]"},
+    {"kv_store", py_kv_store, METH_VARARGS, "float32 rows [1, Hkv, n, D] into cache rows [start, start + n)"},
+    {"kv_load", py_kv_load, METH_VARARGS, "cache rows [0, n) into float32 [1, Hkv, n, D]"},
+    {"kv_set_simd", py_kv_set_simd, METH_VARARGS, "use AVX2/F16C when available (True) or the scalar path"},
+    {"kv_simd", py_kv_simd, METH_NOARGS, "which path the KV kernels run: 'avx2+fma+f16c' or 'scalar'"},
+    {NULL, NULL, 0, NULL},
+};
