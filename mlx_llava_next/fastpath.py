@@ -43,6 +43,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .kv_cache import HostKVCache
+from .rope import angle_row
+
 try:
     from . import _fastpath as native
 except ImportError:  # not built (no compiler at install time, or not Linux): MLX's kernels
@@ -355,6 +358,34 @@ class FastDecodeBlock:
         attn, mlp = self.self_attn, self.mlp
         h = np.array(x if x.dtype == mx.float32 else x.astype(mx.float32), dtype=np.float32).reshape(1, -1)
         a = _rms_norm(h, self.input_layernorm)
+        rows = angle_row(attn.rope, cache.offset) if isinstance(cache, HostKVCache) else None
+        if rows is not None:
+            out = self._native_attention(a, cache, rows)
+        else:
+            out = self._mlx_attention(a, cache)
+        h += attn.o_proj.product(out)
+        m = _rms_norm(h, self.post_attention_layernorm)
+        gate, up = mlp.gate_proj.product(m), mlp.up_proj.product(m)
+        act = np.empty_like(gate)
+        native.swiglu(gate, up, act)
+        h += mlp.down_proj.product(act)
+        return mx.array(h.reshape(x.shape[0], x.shape[1], -1))  # from numpy: nothing for MLX to evaluate
+
+    def _native_attention(self, a: np.ndarray, cache, rows) -> np.ndarray:
+        """Rope, cache write and attention in one native call (native/kv.c) on our own cache."""
+        attn = self.self_attn
+        q, k, v = attn.q_proj.product(a), attn.k_proj.product(a), attn.v_proj.product(a)
+        head_dim = q.shape[1] // attn.n_heads
+        cache.reserve(attn.n_kv_heads, head_dim, v.shape[1] // attn.n_kv_heads, 1)
+        out = np.empty_like(q)
+        native.kv_decode(q, k, v, rows[0], rows[1], cache.keys, cache.values, cache.offset, out, attn.scale,
+                         attn.rope.dims)
+        cache.offset += 1
+        return out
+
+    def _mlx_attention(self, a: np.ndarray, cache) -> np.ndarray:
+        """Rope and the cache update in MLX (other caches and ropes): one MLX evaluation."""
+        attn = self.self_attn
         queries = mx.array(attn.q_proj.product(a)).reshape(1, 1, attn.n_heads, -1).transpose(0, 2, 1, 3)
         keys = mx.array(attn.k_proj.product(a)).reshape(1, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
         values = mx.array(attn.v_proj.product(a)).reshape(1, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -363,13 +394,7 @@ class FastDecodeBlock:
         keys, values = cache.update_and_fetch(keys, values)
         out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=attn.scale)
         # [1, heads, 1, head_dim] in C order is already the [1, heads * head_dim] row o_proj takes
-        h += attn.o_proj.product(np.ascontiguousarray(np.asarray(out), dtype=np.float32).reshape(1, -1))
-        m = _rms_norm(h, self.post_attention_layernorm)
-        gate, up = mlp.gate_proj.product(m), mlp.up_proj.product(m)
-        act = np.empty_like(gate)
-        native.swiglu(gate, up, act)
-        h += mlp.down_proj.product(act)
-        return mx.array(h).reshape(x.shape[0], x.shape[1], -1)
+        return np.ascontiguousarray(np.asarray(out), dtype=np.float32).reshape(1, -1)
 
 
 def _block_supported(block) -> bool:

@@ -29,6 +29,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import LlavaNextError, OutputError, PromptError
 from .image_processing import load_image
+from .kv_cache import adopt, for_saving
 
 SESSION_FORMAT = "mlx-llava-next-chat/1"
 
@@ -625,7 +626,7 @@ class ChatSession:
         try:
             with write_errors(path):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                save_prompt_cache(str(tmp), self.cache, metadata)
+                save_prompt_cache(str(tmp), for_saving(self.cache), metadata)  # our caches as mlx-lm's KVCache
                 os.replace(tmp, path)
         finally:
             if os.path.lexists(tmp):
@@ -652,7 +653,7 @@ class ChatSession:
         session.image_hashes = json.loads(meta["image_hashes"])
         session.image_sizes = {h: tuple(s) for h, s in json.loads(meta["image_sizes"]).items()}
         session.tokens = json.loads(meta["tokens"])
-        session.cache = cache
+        session.cache = adopt(model, cache)  # back to our cache where the model's policy wants it
         session._sync_cache()
         return session
 

@@ -257,22 +257,26 @@ def load_tokenizer(model_dir: Path, raw_config: dict):
 
 
 def load(path_or_repo, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None, lazy: bool = False,
-         distributed: Optional[str] = None):
+         distributed: Optional[str] = None, kv_cache: Optional[str] = None):
     """(model, processor) from a Hub id, a local HF or converted MLX directory, or a GGUF pair.
 
     distributed="tensor" | "pipeline": under mlx.launch, this rank's part of a split language model
-    (see distributed.py)."""
+    (see distributed.py). kv_cache="float16" | "float32" | "auto" (None): the KV cache's dtype;
+    auto is float16 for quantized models on the CPU fast path, else mlx-lm's cache (kv_cache.py)."""
+    from .kv_cache import check_choice, use_kv_cache
+
+    kv_cache = check_choice(kv_cache)
     if distributed is not None:
         from .distributed import load as load_split
 
-        return load_split(path_or_repo, distributed, dtype=dtype, revision=revision)
+        return use_kv_cache(load_split(path_or_repo, distributed, dtype=dtype, revision=revision), kv_cache)
     path = resolve_model_path(path_or_repo, revision)
     if path.suffix == ".gguf" or (path.is_dir() and any(path.glob("*.gguf")) and not (path / "config.json").exists()):
         from .gguf_loading import load_gguf
 
-        return load_gguf(path, dtype=dtype)
+        return use_kv_cache(load_gguf(path, dtype=dtype), kv_cache)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a model directory")
     model, raw_config = load_model(path, dtype=dtype, lazy=lazy)
     processor = Processor.from_pretrained(path, model.config, load_tokenizer(path, raw_config))
-    return model, processor
+    return use_kv_cache((model, processor), kv_cache)

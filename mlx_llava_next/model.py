@@ -16,6 +16,7 @@ from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, make_prompt_
 from . import anyres
 from .config import LlavaNextConfig
 from .errors import PromptError
+from .kv_cache import adopt
 from .rope import use_reference_rope
 from .vision import VisionArgs, VisionTower
 
@@ -165,7 +166,7 @@ class Model(nn.Module):
     def make_cache(self, left_padding: Optional[Sequence[int]] = None):
         """A KV cache per layer; a batch cache when rows are left-padded."""
         if left_padding is None or not any(left_padding):
-            return make_prompt_cache(self.language_model)
+            return adopt(self, make_prompt_cache(self.language_model))  # ours where kv_cache.py's policy says
         window = self.config.sliding_window
         if window is not None:
             return [BatchRotatingKVCache(window, list(left_padding)) for _ in self.layers]

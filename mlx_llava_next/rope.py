@@ -9,7 +9,7 @@ rotation is transformers' rotate-half. Anything else (half precision, traditiona
 offsets of batched caches) goes to `mx.fast.rope` as before.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,6 +17,7 @@ import numpy as np
 
 # (dims, base, scale) -> (cos, sin) [positions, dims / 2], grown in powers of two.
 _TABLES: Dict[Tuple[int, float, float], Tuple[mx.array, mx.array]] = {}
+_HOST_TABLES: Dict[Tuple[int, float, float], Tuple[np.ndarray, np.ndarray]] = {}  # the same, numpy
 
 
 def angle_table(dims: int, base: float, scale: float, length: int) -> Tuple[mx.array, mx.array]:
@@ -30,9 +31,24 @@ def angle_table(dims: int, base: float, scale: float, length: int) -> Tuple[mx.a
     inv_freq = np.float32(1.0) / (np.float64(base) ** exponents.astype(np.float64)).astype(np.float32)
     positions = np.arange(size, dtype=np.float32) * np.float32(scale)
     angles = (positions[:, None] * inv_freq[None, :]).astype(np.float64)  # float32 products, as transformers
-    table = (mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32)))
-    _TABLES[key] = table
+    host = (np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32))
+    table = (mx.array(host[0]), mx.array(host[1]))
+    _TABLES[key], _HOST_TABLES[key] = table, host
     return table
+
+
+def angle_row(rope, position: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(cos, sin) of one position as float32 numpy rows [dims / 2], the values ReferenceRoPE uses
+    there, for the native decode step; None for a rope it does not reproduce (traditional, scaled,
+    llama3's: those stay on `mx.fast.rope`)."""
+    if type(rope) is not ReferenceRoPE or rope.traditional or rope.dims % 2:
+        return None
+    key = (rope.dims, float(rope.base), float(rope.scale))
+    host = _HOST_TABLES.get(key)
+    if host is None or host[0].shape[0] <= position:
+        angle_table(rope.dims, rope.base, rope.scale, position + 1)
+        host = _HOST_TABLES[key]
+    return host[0][position], host[1][position]
 
 
 class ReferenceRoPE(nn.Module):
