@@ -10,7 +10,8 @@ bands of ink, and per band find the baseline (the last row holding much ink) and
 first row with ink). The band is scaled so its cap height matches training; for a monospaced line
 the character pitch is then measured from the column profile (autocorrelation) and the cell grid
 fitted to the inter-character gaps, so every character lands in its own patch column, as in
-training. Lines wider than the model takes are read in pieces of whole cells.
+training. In a block of several lines, a line with no clear period of its own (digits and dashes
+fill their cells) takes the pitch its neighbours agree on. Lines wider than the model takes are read in pieces of whole cells.
 """
 
 import json
@@ -194,8 +195,37 @@ class LineCrop:
     join: str = ""  # text to put before this piece ("" for the first piece of a line)
 
 
-def normalize_line(g: np.ndarray, mask: np.ndarray, paper: float, s: ReaderSettings) -> List[LineCrop]:
-    """A line band (gray + ink mask) -> line images in the training geometry (pieces of a wide line)."""
+def _line_pitch(mask: np.ndarray, s: ReaderSettings) -> Tuple[float, Optional[float], int]:
+    """(expected pitch from the cap height, measured character pitch or None, ink width) of a line band."""
+    cols_any = np.flatnonzero(mask.any(axis=0))
+    top, base = cap_and_baseline(mask)
+    expected = s.char_width * max(1, base - top + 1) / s.cap_height
+    x0, x1 = int(cols_any[0]), int(cols_any[-1]) + 1
+    columns = mask[:, x0:x1].sum(axis=0).astype(np.float64)
+    # short lines have too few gaps to fit a grid reliably: they keep the cap-height scale
+    pitch = char_pitch(columns, expected) if (x1 - x0) >= 10 * expected else None
+    if pitch is not None and abs(pitch / expected - 1) >= 0.2:
+        pitch = None
+    return expected, pitch, x1 - x0
+
+
+def block_pitch(masks: List[np.ndarray], s: ReaderSettings) -> Optional[float]:
+    """The character pitch shared by the monospaced lines of a block or page: the median of the lines'
+    own measurements when at least two agree within 2%, else None. A line whose column profile has no
+    clear period (digits and dashes fill their cells) is read on this grid instead of its cap height's."""
+    found = [p for m in masks if m.any() for p in [_line_pitch(m, s)[1]] if p is not None]
+    if len(found) < 2:
+        return None
+    median = float(np.median(found))
+    agree = [p for p in found if abs(p / median - 1) <= 0.02]
+    return float(np.median(agree)) if len(agree) >= max(2, len(found) // 2) else None
+
+
+def normalize_line(g: np.ndarray, mask: np.ndarray, paper: float, s: ReaderSettings,
+                   pitch_hint: Optional[float] = None) -> List[LineCrop]:
+    """A line band (gray + ink mask) -> line images in the training geometry (pieces of a wide line).
+    `pitch_hint` (block_pitch of the block it is in) replaces the line's own pitch where that is missing
+    or off by more than 3%, for lines of at least 3 cells whose cap height agrees with it (within 20%)."""
     cols_any = np.flatnonzero(mask.any(axis=0))
     if not len(cols_any):
         return []
@@ -206,10 +236,11 @@ def normalize_line(g: np.ndarray, mask: np.ndarray, paper: float, s: ReaderSetti
     # vertical: baseline to s.baseline; horizontal: first the same scale
     x0, x1 = int(cols_any[0]), int(cols_any[-1]) + 1
     columns = mask[:, x0:x1].sum(axis=0).astype(np.float64)
-    expected = s.char_width / scale
-    # short lines have too few gaps to fit a grid reliably: they keep the cap-height scale
-    pitch = char_pitch(columns, expected) if (x1 - x0) >= 10 * expected else None
-    if pitch is not None and abs(pitch / expected - 1) < 0.2:
+    expected, pitch, width = _line_pitch(mask, s)
+    if (pitch_hint is not None and abs(pitch_hint / expected - 1) < 0.2 and width >= 3 * pitch_hint
+            and (pitch is None or abs(pitch / pitch_hint - 1) > 0.03)):
+        pitch = pitch_hint
+    if pitch is not None:
         sx = s.char_width / pitch
         phase = grid_phase(columns, pitch)
         # the last cell boundary at or just inside the first ink column (never cut a glyph in half)
@@ -291,8 +322,10 @@ def split_lines(image, settings: ReaderSettings, straighten: bool = True) -> Lis
     g = gray(straight)
     mask, paper = ink_mask(g)
     lines = []
-    for top, bottom in line_bands(mask):
-        crops = normalize_line(g[top:bottom], mask[top:bottom], paper, settings)
+    bands = line_bands(mask)
+    hint = block_pitch([mask[a:b] for a, b in bands], settings)
+    for top, bottom in bands:
+        crops = normalize_line(g[top:bottom], mask[top:bottom], paper, settings, hint)
         if crops:
             lines.append(crops)
     return lines

@@ -390,6 +390,32 @@ def test_bands_through_the_model(tiny):
     assert (blank_text, blank_bands, len(calls)) == ("", [], len(bands))  # a blank page costs no model call
 
 
+def test_page_pitch_grids_lines_with_no_period_of_their_own():
+    """Digit-and-dash lines of a monospaced page have no clear column period of their own; the page's
+    shared pitch (oracle: the font's advance from FreeType) puts each of their characters in one cell."""
+    from mlx_llava_next import lines
+
+    settings = lines.ReaderSettings(line_height=16, baseline=11, char_width=8, cap_height=11)  # models/demo's
+    images, texts = document(2, 16, 300, 10, seed=1)
+    page, text = images[1].reduce(2), texts[1].splitlines()  # a 300-dpi page as the line reader reduces it
+    g = lines.gray(page)
+    mask, paper = lines.ink_mask(g)
+    bands = lines.line_bands(mask)
+    assert len(bands) == len(text)
+    hint = lines.block_pitch([mask[a:b] for a, b in bands], settings)
+    advance = page_font(10, 300).getlength("0") / 2
+    assert abs(hint / advance - 1) < 0.005, (hint, advance)
+    lonely = [i for i, (a, b) in enumerate(bands) if lines._line_pitch(mask[a:b], settings)[1] is None]
+    assert lonely, "every line found its own pitch: the case is not exercised"
+    for i in lonely:
+        a, b = bands[i]
+        gridded = lines.normalize_line(g[a:b], mask[a:b], paper, settings, hint)
+        cells = sum(c.leading_spaces + c.image.width // 8 for c in gridded)  # pieces are padded to a width:
+        used = sum(c.leading_spaces for c in gridded) + sum(  # count the cells with ink up to the last
+            int(np.flatnonzero(lines.ink_mask(lines.gray(c.image))[0].any(axis=0)).max()) // 8 + 1 for c in gridded)
+        assert abs(used - len(text[i])) <= 1 and cells >= len(text[i]), (text[i], used)
+
+
 # -- accuracy with the demo model ---------------------------------------------------------------
 
 
