@@ -390,6 +390,15 @@ def test_bands_through_the_model(tiny):
     assert (blank_text, blank_bands, len(calls)) == ("", [], len(bands))  # a blank page costs no model call
 
 
+def test_skew_angle_of_straight_and_turned_pages():
+    for dpi, angle in ((150, -1.0), (300, 0.5)):  # a 300-dpi page as a line reader's bands see it: reduced by 2
+        page = document(2, 16, dpi, 10, seed=1)[0][1]
+        page = page.reduce(2) if dpi == 300 else page
+        assert layout.skew_angle(page) == 0.0  # the reduced copy alone turned the 300-dpi one 0.25 degrees
+        turned = page.rotate(angle, resample=Image.BICUBIC, fillcolor=(255, 255, 255))
+        assert layout.skew_angle(turned) == -angle
+
+
 def test_page_pitch_grids_lines_with_no_period_of_their_own():
     """Digit-and-dash lines of a monospaced page have no clear column period of their own; the page's
     shared pitch (oracle: the font's advance from FreeType) puts each of their characters in one cell."""
