@@ -65,9 +65,10 @@ def prompt_inputs(processor, question: str, images) -> dict:
     return processor(text, images=pictures or None)
 
 
-def next_token_logits(model, batch: dict, image_token_id: int) -> np.ndarray:
-    """Logits [n, vocab] at the text positions of a one-prompt batch."""
-    logits = model(batch["input_ids"], pixel_values=batch.get("pixel_values"), image_sizes=batch.get("image_sizes"))
+def next_token_logits(model, batch: dict, image_token_id: int, cache=None) -> np.ndarray:
+    """Logits [n, vocab] at the text positions of a one-prompt batch (through `cache` if given)."""
+    logits = model(batch["input_ids"], pixel_values=batch.get("pixel_values"), image_sizes=batch.get("image_sizes"),
+                   cache=cache)
     text = np.asarray(batch["input_ids"])[0] != image_token_id
     return np.array(logits[0].astype(mx.float32))[text]
 
@@ -148,8 +149,10 @@ def quality_report(reference, quantized, dtype: Optional[mx.Dtype] = None, promp
         all_agree.append(agree)
         per_prompt.append({"prompt": name, "tokens": int(kl.size), "mean_kl": float(kl.mean()),
                            "top1_agreement": float(agree.mean())})
+    kv_cache = kv_cache_effect(model, batches, image_token)  # (b): float16 against float32 KV cache
     kl, agree = np.concatenate(all_kl), np.concatenate(all_agree)
     return {
+        "kv_cache_float16": kv_cache,
         "reference": str(reference),
         "quantized": str(quantized),
         "quantization": read_config(quantized_dir).get("quantization"),
@@ -163,6 +166,23 @@ def quality_report(reference, quantized, dtype: Optional[mx.Dtype] = None, promp
     }
 
 
+def kv_cache_effect(model, batches, image_token_id: int) -> dict:
+    """KL(float32 KV cache || float16 KV cache) of the quantized model on the report's prompts: each
+    prompt prefilled through our cache (kv_cache.py), whose float16 rows every later position reads."""
+    from mlx_llava_next.kv_cache import HostKVCache
+
+    kls, agrees = [], []
+    for batch in batches:
+        logits = [next_token_logits(model, batch, image_token_id, [HostKVCache(dt) for _ in model.layers])
+                  for dt in ("float32", "float16")]
+        kl, agree = kl_and_top1(*logits)
+        kls.append(kl)
+        agrees.append(agree)
+    kl, agree = np.concatenate(kls), np.concatenate(agrees)
+    return {"positions": int(kl.size), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+            "top1_agreement": float(agree.mean())}
+
+
 def format_report(report: dict) -> str:
     ref, q = report["reference_weights"], report["quantized_weights"]
     lines = [
@@ -174,6 +194,10 @@ def format_report(report: dict) -> str:
         f" reference {ref['bits_per_weight']:.3f}",
         f"  size on disk: {q['size_on_disk_bytes'] / 2**20:.1f} MiB; reference {ref['size_on_disk_bytes'] / 2**20:.1f} MiB",
     ]
+    kv = report.get("kv_cache_float16")
+    if kv:
+        lines.append(f"  float16 KV cache vs float32 (quantized model): mean KL {kv['mean_kl']:.3e} nats"
+                     f"  (max {kv['max_kl']:.3e}), top-1 agreement {100 * kv['top1_agreement']:.2f}%")
     for row in report["per_prompt"]:
         lines.append(f"    {row['prompt']:<12} {row['tokens']:>6} tokens  KL {row['mean_kl']:.3e}"
                      f"  top-1 {100 * row['top1_agreement']:.1f}%")
