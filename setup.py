@@ -13,7 +13,7 @@ if sys.platform.startswith("linux"):
     ext_modules.append(
         Extension(
             "mlx_llava_next._fastpath",
-            sources=["native/fastpath.c", "native/pool.c", "native/kv.c"],
+            sources=["native/fastpath.c", "native/pool.c", "native/kv.c", "native/qint8.c"],
             extra_compile_args=["-O3", "-pthread", "-ffp-contract=off", "-fvisibility=hidden"],
             extra_link_args=["-pthread"],
             libraries=["dl"],

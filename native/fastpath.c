@@ -1032,6 +1032,7 @@ static PyMethodDef methods[] = {
 };
 
 extern PyMethodDef kv_methods[]; /* native/kv.c */
+extern PyMethodDef qint8_methods[]; /* native/qint8.c */
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastpath", NULL, -1, methods};
 
@@ -1045,6 +1046,10 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     if (PyModule_AddFunctions(m, kv_methods) < 0) { /* kv.c: the KV cache's decode step */
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddFunctions(m, qint8_methods) < 0) { /* qint8.c: int8-activation products */
         Py_DECREF(m);
         return NULL;
     }
