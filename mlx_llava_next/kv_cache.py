@@ -193,7 +193,12 @@ def use_kv_cache(loaded, kv_cache: Optional[str]):
 
 def wants_host_cache(model) -> Optional[str]:
     """The dtype of our cache for `model` (None: mlx-lm's KVCache): the model's `kv_cache` choice,
-    else float16 where a block runs the native decode step (a quantized model on the CPU fast path)."""
+    else float16 where a block runs the native decode step (a quantized model on the CPU fast path).
+    A pipelined language model (distributed.py) keeps mlx-lm's: its last rank ties the cache's keys
+    to the send (`cache[-1].keys = mx.depends(...)`), which needs MLX arrays there."""
+    inner = getattr(getattr(model, "language_model", None), "model", None)
+    if getattr(inner, "pipeline_size", 1) > 1:
+        return None
     choice = getattr(model, "kv_cache", None)
     if choice is not None:
         return choice

@@ -379,3 +379,30 @@ def test_quality_report_prints_the_float16_cache_figure(quantized_model):
     # larger ones), 2.0e-12 with float ones, against 1.7e-5 for 4-bit quantization itself
     assert kv["mean_kl"] < report["mean_kl"] / 100
     assert "float16 KV cache vs float32" in format_report(report)
+
+
+def test_cli_kv_cache_flag(quantized_model, tmp_path, monkeypatch):
+    """--kv-cache float32|float16|auto reaches the caches generation makes; anything else is one
+    error line naming the flag's values, before the model loads."""
+    import sys
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from cli import app
+
+    checkpoint, path = quantized_model("llama")
+    made = []
+    init = HostKVCache.__init__
+    monkeypatch.setattr(HostKVCache, "__init__", lambda self, dtype="float16": made.append(dtype) or init(self, dtype))
+    args = ["generate", "--model", str(path), "--prompt", "Hi", "--max-tokens", "3", "--json"]
+    for choice, expected in [("float32", "float32"), ("auto", "float16"), ("float16", "float16")]:
+        made.clear()
+        result = CliRunner().invoke(app, args + ["--kv-cache", choice])
+        assert result.exit_code == 0, result.output
+        assert made and set(made) == {expected}
+    result = CliRunner().invoke(app, args + ["--kv-cache", "int8"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: kv_cache must be one of auto, float16, float32"), lines

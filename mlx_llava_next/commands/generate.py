@@ -41,6 +41,9 @@ SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System promp
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print speed and memory stats to stderr.")]
 DistributedOpt = Annotated[Optional[str], typer.Option(
     "--distributed", help="Split the language model over the ranks of mlx.launch: tensor or pipeline (qwen2).")]
+KvCacheOpt = Annotated[str, typer.Option(
+    "--kv-cache", help="KV cache dtype: auto (float16 for quantized models on the CPU fast path, else "
+    "mlx-lm's cache in the model's dtype), float16 or float32.")]
 
 
 def resolve_model_arg(name: str) -> str:
@@ -72,6 +75,16 @@ def load_model(name: str):
     from ..loading import load
 
     return load(resolve_path(name))
+
+
+def kv_cache_choice(kv_cache: str, distributed):
+    """--kv-cache as load()'s kv_cache (None for auto); a PromptError for anything else."""
+    from ..kv_cache import check_choice
+
+    choice = check_choice(kv_cache)
+    if choice is not None and distributed is not None:
+        raise LlavaNextError("--kv-cache is not available with --distributed (the ranks keep mlx-lm's cache)")
+    return choice
 
 
 def line_reader(name: str):
@@ -142,6 +155,7 @@ def generate_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, tokens, finish_reason, stats.")] = False,
     verbose: VerboseOpt = False,
     distributed: DistributedOpt = None,
+    kv_cache: KvCacheOpt = "auto",
 ):
     """Answer one prompt about the images, streamed to stdout.
 
@@ -152,6 +166,7 @@ def generate_command(
         from ..generate import Sampling, check_text
 
         Sampling.from_kwargs(**opts)  # bad options fail before the model loads
+        kv = kv_cache_choice(kv_cache, distributed)
         check_text("--prompt", prompt)
         if system is not None:
             check_text("--system", system)
@@ -161,6 +176,7 @@ def generate_command(
             return split.generate(distributed, model, prompt, image or [], system, raw, opts, as_json, verbose)
         images = [_checked_image(p) for p in image or []]
         m, processor = load_model(model)
+        m.kv_cache = kv  # None: kv_cache.py's default policy
         answer(m, processor, model, prompt, images, system, raw, opts, as_json, verbose)
 
 
@@ -223,6 +239,7 @@ def chat_command(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a session saved with /save FILE.safetensors.")] = None,
     verbose: VerboseOpt = False,
     distributed: DistributedOpt = None,
+    kv_cache: KvCacheOpt = "auto",
 ):
     """Chat about images: answers stream as they are generated; follow-ups reuse the cache.
 
@@ -235,6 +252,7 @@ def chat_command(
         from ..generate import ChatSession, Sampling, check_text
 
         Sampling.from_kwargs(**opts)  # bad options fail before the model loads
+        kv = kv_cache_choice(kv_cache, distributed)
         if system is not None:
             check_text("--system", system)
         if distributed is not None:  # rank 0 reads stdin and prints (commands/distributed.py)
@@ -245,6 +263,7 @@ def chat_command(
         if interactive:
             typer.echo(f"loading {model} ...", err=True)
         m, processor = load_model(model)
+        m.kv_cache = kv  # None: kv_cache.py's default policy
         reader = line_reader(model)
         if resume is not None:
             session = ChatSession.load(resume, m, processor, **opts)
