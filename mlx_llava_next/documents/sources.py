@@ -150,7 +150,11 @@ def _render_pdf_page(pdf, page: int, dpi: int, name: str):
         if w < 1 or h < 1:
             raise DocumentError(f"{name}: page {page} has no area ({w_pt:.0f}x{h_pt:.0f} pt)")
         try:
-            bitmap = handle.render(scale=scale)
+            # pypdfium2 sizes the bitmap ceil(size * scale): a page box that is a float a hair over a whole
+            # number of pixels (792 pt * 150/72 = 1650.0000000000002; a 19.2-pt strip) gets one more row,
+            # and PDFium stretches the page onto it, blurring every glyph. A scale 1e-6 smaller renders the
+            # page at its size (no visible change: under 0.01 pixel across a 300-dpi page)
+            bitmap = handle.render(scale=scale * (1 - 1e-6))
         except pdfium.PdfiumError as e:
             raise DocumentError(f"{name}: cannot render page {page} ({e})") from None
         return bitmap.to_pil().convert("RGB")
