@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, make_prompt_cache
 
-from . import anyres
+from . import anyres, attention
 from .config import LlavaNextConfig
 from .errors import PromptError
 from .kv_cache import adopt
@@ -71,6 +71,7 @@ class Model(nn.Module):
         if config.sliding_window is not None:
             use_sliding_window(self.language_model, config.sliding_window)
         use_reference_rope(self.language_model)  # transformers' float32 angles (rope.py)
+        attention.install()  # float32 prompt attention with an accurate softmax (attention.py)
 
     # -- geometry -------------------------------------------------------------------------
     @property
