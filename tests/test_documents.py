@@ -85,6 +85,17 @@ def test_parse_pages():
         sources.select_pages(sources.parse_pages("6-8"), 5, "d")
 
 
+def test_pdf_pages_render_at_their_size(tmp_path):
+    """A page of W x H points renders as W x H * dpi/72 pixels, not a row more (pypdfium2 rounds up)."""
+    for dpi, size in [(150, (1275, 1650)), (300, (2550, 3300)), (150, (665, 40)), (200, (1700, 2200))]:
+        pdf = save_pdf(tmp_path / f"p{dpi}-{size[0]}.pdf", [Image.new("RGB", size, "white")], dpi)
+        src = sources.expand([pdf])[0]
+        try:
+            assert src.render(1, dpi).size == size
+        finally:
+            src.close()
+
+
 def test_pages_and_every_format(tiny, four_pages, tmp_path):
     model, processor = tiny.load()
     rendered = pdfium_pages(four_pages, 100)
