@@ -109,6 +109,51 @@ def test_force_replaces_our_output_with_normal_permissions(src, tmp_path):
     assert not leftovers(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def demo_weights():
+    """The demo model's parameters (our names) from a fresh, untrained trainee."""
+    from mlx.utils import tree_flatten
+
+    from train import train
+
+    params = dict(tree_flatten(train.new_trainee(0).parameters()))
+    return {k[len("model."):]: v for k, v in params.items() if k.startswith("model.")}
+
+
+def test_demo_export_permissions_follow_the_umask_and_replace_only_its_output(demo_weights, tmp_path):
+    """train/export.py writes like `convert`: the umask decides the modes (0750/0640 under 027,
+    where it forced 0755 before), an earlier export is replaced, anything else is refused
+    untouched, and nothing is left beside the output."""
+    from train import export
+
+    from mlx_llava_next.errors import OutputError
+
+    out = tmp_path / "demo"
+    previous = os.umask(0o027)
+    try:
+        export.export(demo_weights, out)
+        (out / "stale.bin").write_bytes(b"x")
+        export.export(demo_weights, out)  # an earlier export (it holds the marker): replaced
+    finally:
+        os.umask(previous)
+    assert (out / MARKER).is_file() and not (out / "stale.bin").exists()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o640}
+    from mlx_llava_next import load
+
+    load(out)  # still a loadable model directory
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "cat.jpg").write_bytes(b"meow")
+    before = digest(mine)
+    with pytest.raises(OutputError, match="not an output of mlx-llava-next"):
+        export.export(demo_weights, mine)
+    assert digest(mine) == before
+    with pytest.raises(OutputError, match="source"):
+        export.export(demo_weights, out, sources=[out / "model.safetensors"])
+    assert not leftovers(tmp_path) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_gguf_force_refuses_unrelated_directory(src, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -2,10 +2,9 @@
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from mlx_llava_next.errors import OutputError
 
 from .data import CHARSET, MAX_CHARS, WIDTHS
 
@@ -137,30 +136,26 @@ def hub_weights(weights: dict, config: dict) -> dict:
     return out
 
 
-def export(weights: dict, out_dir, readme: str = "", dtype: str = "float32") -> Path:
-    """Write the directory atomically (temp dir, then rename over the old one)."""
+def export(weights: dict, out_dir, readme: str = "", dtype: str = "float32", sources=()) -> Path:
+    """Write the directory atomically with the runtime's output rules (mlx_llava_next/outputs.py:
+    a temporary directory renamed into place, the usual umask-respecting permissions, the marker
+    file); an existing `out_dir` is replaced only when it is an earlier output (it holds the
+    marker), never a directory of someone else's or one of `sources` (OutputError)."""
     import mlx.core as mx
 
+    from mlx_llava_next.outputs import atomic_output_dir
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)
     config = model_config()
     config["torch_dtype"] = dtype
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    tensors = {k: v.astype(getattr(mx, dtype)) for k, v in hub_weights(weights, config).items()}
-    mx.save_safetensors(str(tmp / "model.safetensors"), tensors, metadata={"format": "pt"})
-    write_tokenizer(tmp)
-    write_processor_files(tmp)
-    if readme:
-        (tmp / "README.md").write_text(readme)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
+    with atomic_output_dir(out_dir, force=True, sources=sources) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tensors = {k: v.astype(getattr(mx, dtype)) for k, v in hub_weights(weights, config).items()}
+        mx.save_safetensors(str(tmp / "model.safetensors"), tensors, metadata={"format": "pt"})
+        write_tokenizer(tmp)
+        write_processor_files(tmp)
+        if readme:
+            (tmp / "README.md").write_text(readme)
     return out_dir
 
 
@@ -176,7 +171,10 @@ def main():
     ckpt = Path(args.checkpoint)
     weights = {k: v for k, v in mx.load(str(ckpt / "model.safetensors")).items()}
     readme = (ckpt / "MODEL_CARD.md").read_text() if (ckpt / "MODEL_CARD.md").exists() else ""
-    print(export(weights, args.out, readme, args.dtype))
+    try:
+        print(export(weights, args.out, readme, args.dtype, sources=[ckpt]))
+    except OutputError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
