@@ -27,7 +27,8 @@ A decode step pays for something else again: every eager kernel call needs its i
 evaluated, and each MLX evaluation hands work to MLX's stream thread and back (250-450 us on a
 virtual machine, whose cross-core wake-ups are slow). Computed module by module, a llama block
 needs four a token; `FastDecodeBlock` runs the single-token step of a block whose projections
-all swapped in numpy around the kernels, leaving one (rope and the KV cache update) to MLX.
+all swapped in numpy around the kernels; on our KV cache (kv_cache.py) rope, the cache write and
+the attention are one native call too (native/kv.c), so no MLX evaluation is left in the step.
 
 All of these are eager: the input is evaluated and the result comes back as a new array (the
 host views of evaluated MLX arrays are zero-copy). The language-model head stays lazy for many rows
@@ -324,12 +325,14 @@ def _rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
 
 class FastDecodeBlock:
     """Mixin for mlx-lm's llama/qwen2 `TransformerBlock`: the single-token step in numpy and the
-    native kernels, with rope and the KV cache update left to MLX.
+    native kernels; on our own cache (kv_cache.HostKVCache) rope, the cache write and the attention
+    too (native/kv.c), so the step makes no MLX evaluation.
 
     Computed layer by layer in MLX, a decode step forces an evaluation before every projection
     (the norms, residual adds and attention reshapes are lazy MLX ops), and each evaluation hands
     work to MLX's stream thread and back: ~4 round trips of 250-450 us a layer on a virtual
-    machine, 40-60 ms a token for a 7B model. Here one remains (rope + cache update + attention).
+    machine, 40-60 ms a token for a 7B model. Here none remains on our cache; on mlx-lm's caches
+    (or a rope the native step does not reproduce) one: MLX's rope + cache update + attention.
     Anything else (prompt chunks, batches, masks, half-precision blocks) runs the block unchanged.
     """
 
