@@ -143,7 +143,7 @@ def worker_main(name: str, args: dict) -> dict:
         from . import ours
 
         return ours.main(config, args["bits"], args["group_size"], args["decode_tokens"], args["prefill_step"],
-                         args.get("gguf_path"))
+                         args.get("gguf_path"), exact=args.get("exact", False))
     if name == "transformers":
         from . import reference
 
@@ -160,7 +160,7 @@ def run(shape: str = "mistral-7b", bits: int = 4, group_size: int = 64, compare:
         llama_cpp_bin: Optional[str] = None, decode_tokens: int = 64, prefill_step: int = 2048,
         threads: int = 2, transformers_dtype: str = "bfloat16", transformers_layers: Optional[int] = None,
         transformers_max_seconds: float = 7200.0, llama_cpp_depth: bool = True, workdir: Optional[str] = None,
-        log=lambda message: None) -> dict:
+        log=lambda message: None, exact: bool = False) -> dict:
     """Run every runtime asked for; returns {"ours", "llama.cpp", "transformers", "limits", "machine", ...}."""
     from .shapes import PROBES
     from .shapes import config as shape_config
@@ -179,7 +179,7 @@ def run(shape: str = "mistral-7b", bits: int = 4, group_size: int = 64, compare:
         log(f"ours: {shape}, {bits}-bit, group {group_size}")
         result["ours"] = run_worker("ours", {"shape": shape, "bits": bits, "group_size": group_size,
                                              "decode_tokens": decode_tokens, "prefill_step": prefill_step,
-                                             "gguf_path": gguf_path})
+                                             "gguf_path": gguf_path, "exact": exact})
         if "llama.cpp" in compare:
             result["llama.cpp"] = run_llama_cpp(result["ours"], llama_cpp_bin, gguf_path, decode_tokens, threads,
                                                 llama_cpp_depth, log)
@@ -309,9 +309,15 @@ def table(result: dict) -> str:
                  + (f" ({m['blas_core']} kernels)" if m.get("blas_core") else "") + ", "
                  f"load average {', '.join(f'{x:.1f}' for x in m.get('load_average', ()))}")
     if m.get("cpu_flags") is not None:
-        simd = (ours or {}).get("fastpath", {}).get("simd") if ours else None
+        fast = (ours or {}).get("fastpath", {})
+        simd = fast.get("simd")
+        if simd and fast.get("int8") and not ours.get("exact"):  # int8 activations (fastpath.py)
+            simd = (f"int8-activation {fast['int8']} path (this CPU runs {', '.join(fast['int8_paths'])}); "
+                    f"float kernels (vision tower, --exact): {simd}")
+        elif simd:
+            simd = f"{simd} path" + (" (--exact: float32 activations)" if ours.get("exact") else "")
         notes.append(f"CPU flags: {' '.join(m['cpu_flags']) or 'none of ' + ' '.join(SIMD_FLAGS)}"
-                     + (f"; our kernels ran their {simd} path" if simd else ""))
+                     + (f"; our kernels ran their {simd}" if simd else ""))
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 

@@ -26,7 +26,7 @@ from . import memory
 from .shapes import PROMPT_HEAD, PROMPT_TAIL, kv_cache_bytes, prompt_ids, test_image  # noqa: F401
 
 
-def build_model(config: dict, bits: int = 4, group_size: int = 64, seed: int = 0) -> Model:
+def build_model(config: dict, bits: int = 4, group_size: int = 64, seed: int = 0, exact: bool = False) -> Model:
     mx.random.seed(seed)
     model = Model(LlavaNextConfig.from_dict(config))  # parameters are lazy random arrays
 
@@ -44,7 +44,7 @@ def build_model(config: dict, bits: int = 4, group_size: int = 64, seed: int = 0
     mx.eval(model.parameters())
     mx.clear_cache()
     model.eval()
-    fastpath.auto_enable(model)
+    fastpath.auto_enable(model, exact)
     return model
 
 
@@ -146,11 +146,11 @@ def run(model: Model, config: dict, decode_tokens: int = 64, prefill_step: int =
 
 
 def main(config: dict, bits: int, group_size: int, decode_tokens: int, prefill_step: int,
-         gguf_path: Optional[str] = None) -> dict:
+         gguf_path: Optional[str] = None, exact: bool = False) -> dict:
     """The `ours` worker: build, measure, then (optionally) export the same weights for llama.cpp."""
     build_start = time.perf_counter()
-    model = build_model(config, bits=bits, group_size=group_size)
-    result = {"build_s": time.perf_counter() - build_start, "bits": bits, "group_size": group_size,
+    model = build_model(config, bits=bits, group_size=group_size, exact=exact)
+    result = {"build_s": time.perf_counter() - build_start, "bits": bits, "group_size": group_size, "exact": exact,
               **weight_bytes(model)}
     result.update(run(model, config, decode_tokens=decode_tokens, prefill_step=prefill_step))
     if gguf_path:

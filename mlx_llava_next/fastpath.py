@@ -11,6 +11,15 @@ native kernels in `native/fastpath.c` (built at install time, see setup.py):
   process's BLAS (`cblas_sgemm`, OpenBLAS via blas.py), so a layer's float32 copy never
   exceeds one tile of about 32 MB.
 
+By default (4-bit layers whose input width is a multiple of 64, on a CPU with AVX2 or AVX-512
+VNNI; not the LM head) the activations are quantized to int8 per group instead, as llama.cpp's
+Q8_0 activations are, and the products run on the integer kernels of `native/qint8.c` (vpdpbusd /
+vpmaddubsw, chosen at run time): about 2x the float kernels' speed in decode and in prefill.
+Its cost in accuracy is the quality report's gate (quantize/report.py, figures in the README),
+which 8-bit weights failed: their layers keep float32 activations (INT8_BITS).
+`exact=True` (`load(..., exact=True)`, `--exact` on the CLI, `set_exact`) keeps float32
+activations: products equal to `mx.quantized_matmul` to float rounding, for parity runs.
+
 Decoding also reads the whole KV cache once a token, and MLX's CPU attention for one query
 runs unfused at a tenth of memory speed (2,900 cached tokens: 30 ms a layer). `enable` also
 routes mlx-lm's `scaled_dot_product_attention` (llama, qwen2) for a single query without a mask
@@ -33,7 +42,8 @@ the attention are one native call too (native/kv.c), so no MLX evaluation is lef
 All of these are eager: the input is evaluated and the result comes back as a new array (the
 host views of evaluated MLX arrays are zero-copy). The language-model head stays lazy for many rows
 (mlx-lm's chunked prefill builds logits it never evaluates) and uses MLX's dequantize + GEMM.
-Results equal `mx.quantized_matmul` to float rounding (tests/test_fastpath.py). Nothing changes
+With exact=True results equal `mx.quantized_matmul` to float rounding (tests/test_fastpath.py);
+the int8 kernels are held to their own oracle (tests/test_int8_kernels.py). Nothing changes
 without the native module, on other devices (Metal, CUDA), or inside `mx.compile`/`vmap`.
 """
 
@@ -58,6 +68,11 @@ SMALL_M = 16
 
 DTYPE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 HEAD_NAMES = ("lm_head",)
+HEAD_EXACT = True  # the LM head keeps float32 activations (its rounding goes straight into the logits)
+# Weight widths whose layers take int8 activations by default: the quality report's gate
+# (quantize/report.py) held the KL of int8 activations to 0.2-1.2% of 4-bit weights' own on the
+# tiny test models, but to 50-310% of 8-bit weights' (README), so 8-bit layers keep float32.
+INT8_BITS = (4,)
 
 
 def available() -> bool:
@@ -66,10 +81,32 @@ def available() -> bool:
 
 
 def info() -> dict:
-    """{'available', 'simd', 'threads', 'cblas_sgemm'} for `info` and the benchmark."""
+    """{'available', 'simd', 'threads', 'cblas_sgemm', 'int8', 'int8_paths'} for `info` and the
+    benchmark: 'simd' is the float kernels' path, 'int8' the int8-activation kernels' path in use
+    ('avx512vnni', 'avx2' or 'scalar') and 'int8_paths' those this CPU can run."""
     if native is None:
         return {"available": False}
-    return {"available": available(), **native.info()}
+    q8 = native.q8_info()
+    return {"available": available(), **native.info(), "int8": q8["isa"], "int8_paths": q8["available"]}
+
+
+_int8_path = None  # the int8 kernels' path in use (cached: asked on every product)
+
+
+def set_int8_path(name=None) -> str:
+    """Force the int8 kernels' path ('avx512vnni', 'avx2', 'scalar'; ValueError if this CPU cannot
+    run it) or, with None, pick the best one; returns the path in use."""
+    global _int8_path
+    native.q8_set_isa(name)
+    _int8_path = native.q8_info()["isa"]
+    return _int8_path
+
+
+def int8_supported(in_features: int, bits: int = 4) -> bool:
+    """Whether a layer of this input width and weight width takes int8 activations on this CPU
+    (bits in INT8_BITS, a SIMD path, K a multiple of 64); elsewhere the float kernels run."""
+    path = _int8_path or set_int8_path(native.q8_info()["isa"])
+    return bits in INT8_BITS and in_features % 64 == 0 and path != "scalar"
 
 
 def host(a: mx.array) -> np.ndarray:
@@ -100,12 +137,17 @@ class _HostWeights:
         self.dtype = DTYPE_CODES[scales.dtype]
 
 
-def quantized_matmul(x: np.ndarray, weights: _HostWeights, out_features: int, bits: int, group_size: int) -> np.ndarray:
-    """x [M, K] float32 (C order) @ W^T -> [M, N] float32 with the native kernels."""
+def quantized_matmul(x: np.ndarray, weights: _HostWeights, out_features: int, bits: int, group_size: int,
+                     exact: bool = True) -> np.ndarray:
+    """x [M, K] float32 (C order) @ W^T -> [M, N] float32 with the native kernels; exact=False:
+    x quantized to int8 per group (native/qint8.c) where `int8_supported`."""
     M, K = x.shape
     out = np.empty((M, out_features), dtype=np.float32)
     w, s, b = weights.views
-    kernel = native.qmv if M <= SMALL_M or not sgemm_available() else native.qgemm
+    if not exact and int8_supported(K, bits):
+        kernel = native.q8_qmv if M <= SMALL_M else native.q8_qgemm
+    else:
+        kernel = native.qmv if M <= SMALL_M or not sgemm_available() else native.qgemm
     kernel(x, w, s, b, out, M, out_features, K, bits, group_size, weights.dtype)
     return out
 
@@ -143,6 +185,7 @@ class FastQuantizedLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear` computed by the native kernels (same parameters, same results)."""
 
     lazy_many_rows = False  # True for the LM head (see the module docstring)
+    exact = False  # True: float32 activations (set_exact); else int8 where int8_supported
 
     def _host_weights(self) -> _HostWeights:
         arrays = (self["weight"], self["scales"], self["biases"])
@@ -154,7 +197,7 @@ class FastQuantizedLinear(nn.QuantizedLinear):
 
     def product(self, x: np.ndarray) -> np.ndarray:
         """x [M, K] float32 (numpy) -> x @ W^T + bias [M, N] (numpy) on the native kernels."""
-        y = quantized_matmul(x, self._host_weights(), self["weight"].shape[0], self.bits, self.group_size)
+        y = quantized_matmul(x, self._host_weights(), self["weight"].shape[0], self.bits, self.group_size, self.exact)
         if "bias" in self:
             y += _float32(self, "bias")
         return y
@@ -164,7 +207,8 @@ class FastQuantizedLinear(nn.QuantizedLinear):
         M = x.size // K if K else 0
         if x.dtype != mx.float32 or M == 0 or not supports(self) or mx.default_device() != mx.cpu:
             return super().__call__(x)
-        if M > SMALL_M and (self.lazy_many_rows or not sgemm_available()):
+        int8 = not self.exact and int8_supported(K, self.bits)
+        if M > SMALL_M and (self.lazy_many_rows or not (int8 or sgemm_available())):
             # float32 weights whatever the scales' dtype: half-precision weights would round the product
             scales, biases = self["scales"].astype(mx.float32), self["biases"].astype(mx.float32)
             y = x @ mx.dequantize(self["weight"], scales, biases, self.group_size, self.bits).T
@@ -426,7 +470,7 @@ def _fast_block_class(cls):
 # -- swapping layers ------------------------------------------------------------------------------
 
 
-def enable(model: nn.Module) -> int:
+def enable(model: nn.Module, exact: bool = False) -> int:
     """Swap the model's supported QuantizedLinear layers for FastQuantizedLinear (in place), route
     mlx-lm's attention and SwiGLU to the native kernels and give llama/qwen2 blocks whose
     projections all swapped the numpy decode step (FastDecodeBlock).
@@ -441,6 +485,9 @@ def enable(model: nn.Module) -> int:
             module.__class__ = FastQuantizedLinear
             if path.split(".")[-1] in HEAD_NAMES:
                 module.lazy_many_rows = True
+                module.exact = HEAD_EXACT
+            if exact:
+                module.exact = True
             count += 1
     if count:  # float models keep mlx-lm's attention untouched
         install_attention()
@@ -463,6 +510,7 @@ def disable(model: nn.Module) -> int:
             module.__class__ = nn.QuantizedLinear
             module.__dict__.pop("_host", None)
             module.__dict__.pop("lazy_many_rows", None)
+            module.__dict__.pop("exact", None)
             count += 1
     return count
 
@@ -472,6 +520,17 @@ def should_enable() -> bool:
     return available() and mx.default_device() == mx.cpu
 
 
-def auto_enable(model: nn.Module) -> int:
-    """What `load()` calls: `enable(model)` where `should_enable()`, else nothing."""
-    return enable(model) if should_enable() else 0
+def auto_enable(model: nn.Module, exact: bool = False) -> int:
+    """What `load()` calls: `enable(model, exact)` where `should_enable()`, else nothing."""
+    return enable(model, exact) if should_enable() else 0
+
+
+def set_exact(model: nn.Module, exact: bool = True) -> int:
+    """Float32 (True) or int8 (False) activations for the model's fast quantized layers; returns
+    how many layers it set."""
+    count = 0
+    for _, module in model.named_modules():
+        if isinstance(module, FastQuantizedLinear):
+            module.exact = bool(exact) or (module.lazy_many_rows and HEAD_EXACT)
+            count += 1
+    return count

@@ -223,7 +223,8 @@ def cast(weights: Dict[str, mx.array], dtype: Optional[mx.Dtype]) -> Dict[str, m
     return {k: v if keep(k, v) else v.astype(dtype) for k, v in weights.items()}
 
 
-def load_model(model_dir, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Tuple[Model, dict]:
+def load_model(model_dir, dtype: Optional[mx.Dtype] = None, lazy: bool = False,
+               exact: bool = False) -> Tuple[Model, dict]:
     from .blas import warn_if_reference
 
     warn_if_reference()  # once a process, on Linux without an optimized BLAS
@@ -239,7 +240,7 @@ def load_model(model_dir, dtype: Optional[mx.Dtype] = None, lazy: bool = False) 
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
-    fastpath.auto_enable(model)  # native quantized kernels on x86 Linux CPUs; no-op elsewhere
+    fastpath.auto_enable(model, exact)  # native quantized kernels on x86 Linux CPUs; no-op elsewhere
     return model, raw_config
 
 
@@ -257,12 +258,14 @@ def load_tokenizer(model_dir: Path, raw_config: dict):
 
 
 def load(path_or_repo, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None, lazy: bool = False,
-         distributed: Optional[str] = None, kv_cache: Optional[str] = None):
+         distributed: Optional[str] = None, kv_cache: Optional[str] = None, exact: bool = False):
     """(model, processor) from a Hub id, a local HF or converted MLX directory, or a GGUF pair.
 
     distributed="tensor" | "pipeline": under mlx.launch, this rank's part of a split language model
     (see distributed.py). kv_cache="float16" | "float32" | "auto" (None): the KV cache's dtype;
-    auto is float16 for quantized models on the CPU fast path, else mlx-lm's cache (kv_cache.py)."""
+    auto is float16 for quantized models on the CPU fast path, else mlx-lm's cache (kv_cache.py).
+    exact=True: quantized layers keep float32 activations on the CPU fast path (products equal to
+    mx.quantized_matmul to rounding) instead of int8 ones (see fastpath.py)."""
     from .kv_cache import check_choice, use_kv_cache
 
     kv_cache = check_choice(kv_cache)
@@ -277,6 +280,6 @@ def load(path_or_repo, dtype: Optional[mx.Dtype] = None, revision: Optional[str]
         return use_kv_cache(load_gguf(path, dtype=dtype), kv_cache)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a model directory")
-    model, raw_config = load_model(path, dtype=dtype, lazy=lazy)
+    model, raw_config = load_model(path, dtype=dtype, lazy=lazy, exact=exact)
     processor = Processor.from_pretrained(path, model.config, load_tokenizer(path, raw_config))
     return use_kv_cache((model, processor), kv_cache)

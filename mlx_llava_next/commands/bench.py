@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
         ),
         workdir: Optional[str] = typer.Option(None, "--workdir", help="Where the temporary GGUF goes (default: the temp dir)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+        exact: bool = typer.Option(False, "--exact", help="Our 4-bit layers with float32 activations (default: int8 ones on x86)."),
     ):
         """Build a model of a released checkpoint's shape with random weights and time image -> answer."""
         from benchmarks.bench import json_summary, run, table
@@ -63,7 +64,7 @@ def register(app: typer.Typer) -> None:
                          threads=threads, transformers_dtype=transformers_dtype,
                          transformers_layers=transformers_layers,
                          transformers_max_seconds=transformers_max_hours * 3600,
-                         llama_cpp_depth=llama_cpp_depth, workdir=workdir, log=log)
+                         llama_cpp_depth=llama_cpp_depth, workdir=workdir, log=log, exact=exact)
         if as_json:
             typer.echo(json.dumps(json_summary(result)))
         else:

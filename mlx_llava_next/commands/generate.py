@@ -39,6 +39,8 @@ RepetitionOpt = Annotated[Optional[float], typer.Option("--repetition-penalty", 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed for reproducible sampling.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print speed and memory stats to stderr.")]
+ExactOpt = Annotated[bool, typer.Option(
+    "--exact", help="Keep float32 activations in 4-bit layers (results equal to MLX's; default on x86: int8 ones, faster).")]
 DistributedOpt = Annotated[Optional[str], typer.Option(
     "--distributed", help="Split the language model over the ranks of mlx.launch: tensor or pipeline (qwen2).")]
 KvCacheOpt = Annotated[str, typer.Option(
@@ -71,10 +73,15 @@ def resolve_path(name: str) -> Path:
         raise CheckpointError(f"{e} (--model also takes a local directory, e.g. --model ./llava-v1.6-mistral-7b-hf)") from None
 
 
-def load_model(name: str):
+def load_model(name: str, exact: bool = False):
     from ..loading import load
 
-    return load(resolve_path(name))
+    return load(resolve_path(name), exact=exact)
+
+
+def check_exact(exact: bool, distributed) -> None:
+    if exact and distributed is not None:
+        raise LlavaNextError("--exact is not available with --distributed (each rank loads its part with the default kernels)")
 
 
 def kv_cache_choice(kv_cache: str, distributed):
@@ -156,6 +163,7 @@ def generate_command(
     verbose: VerboseOpt = False,
     distributed: DistributedOpt = None,
     kv_cache: KvCacheOpt = "auto",
+    exact: ExactOpt = False,
 ):
     """Answer one prompt about the images, streamed to stdout.
 
@@ -170,12 +178,13 @@ def generate_command(
         check_text("--prompt", prompt)
         if system is not None:
             check_text("--system", system)
+        check_exact(exact, distributed)
         if distributed is not None:  # rank 0 reads the images and prints (commands/distributed.py)
             from . import distributed as split
 
             return split.generate(distributed, model, prompt, image or [], system, raw, opts, as_json, verbose)
         images = [_checked_image(p) for p in image or []]
-        m, processor = load_model(model)
+        m, processor = load_model(model, exact)
         m.kv_cache = kv  # None: kv_cache.py's default policy
         answer(m, processor, model, prompt, images, system, raw, opts, as_json, verbose)
 
@@ -240,6 +249,7 @@ def chat_command(
     verbose: VerboseOpt = False,
     distributed: DistributedOpt = None,
     kv_cache: KvCacheOpt = "auto",
+    exact: ExactOpt = False,
 ):
     """Chat about images: answers stream as they are generated; follow-ups reuse the cache.
 
@@ -255,6 +265,7 @@ def chat_command(
         kv = kv_cache_choice(kv_cache, distributed)
         if system is not None:
             check_text("--system", system)
+        check_exact(exact, distributed)
         if distributed is not None:  # rank 0 reads stdin and prints (commands/distributed.py)
             from . import distributed as split
 
@@ -262,7 +273,7 @@ def chat_command(
         pending = [(p, _checked_image(p)) for p in image or []]
         if interactive:
             typer.echo(f"loading {model} ...", err=True)
-        m, processor = load_model(model)
+        m, processor = load_model(model, exact)
         m.kv_cache = kv  # None: kv_cache.py's default policy
         reader = line_reader(model)
         if resume is not None:

@@ -8,7 +8,8 @@ import typer
 
 from ..errors import LlavaNextError, OutputError
 from .common import DEFAULT_MODEL, user_errors
-from .generate import DistributedOpt, MaxTokensOpt, ModelOpt, line_reader, load_model, resolve_model_arg
+from .generate import (DistributedOpt, ExactOpt, MaxTokensOpt, ModelOpt, check_exact, line_reader, load_model,
+                       resolve_model_arg)
 
 FORMATS = ("txt", "md", "json", "jsonl")  # documents.output.FORMATS (not imported: keeps --help fast)
 LAYOUTS = ("auto", "whole", "bands")  # documents.layout.LAYOUTS
@@ -27,6 +28,7 @@ def ocr_command(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Override the OCR instruction.")] = None,
     max_tokens: MaxTokensOpt = 1024,
     distributed: DistributedOpt = None,
+    exact: ExactOpt = False,
 ):
     """Transcribe images and PDFs: writes <name>.txt (or --format) beside each input (or into --out).
 
@@ -40,6 +42,7 @@ def ocr_command(
         from . import distributed as split
 
         with user_errors():
+            check_exact(exact, distributed)
             plain = dict(fmt="txt", pages=None, dpi=None, layout="auto", recursive=False)
             given = {"fmt": fmt, "pages": pages, "dpi": dpi, "layout": layout, "recursive": recursive}
             extra = [k for k, v in given.items() if v != plain[k]] + [str(p) for p in paths if p.suffix.lower() == ".pdf"]
@@ -65,7 +68,7 @@ def ocr_command(
     jobs = engine.plan(paths, out, fmt, recursive, settings, force, report)
     if jobs:
         with user_errors():
-            m, processor = load_model(model)
+            m, processor = load_model(model, exact)
             reader = line_reader(model)
             if out is not None and not to_stdout:
                 with write_errors(out):

@@ -37,7 +37,7 @@ def build_prompt(processor, prompt: str) -> str:
 
 
 def run(model: str, image: Path, prompt: str, reference: Optional[str], device: Optional[str],
-        dtype: str, tokens: int):
+        dtype: str, tokens: int, exact: bool = True):
     from .. import load
     from ..image_processing import load_image
     from ..parity import compare_models
@@ -52,7 +52,7 @@ def run(model: str, image: Path, prompt: str, reference: Optional[str], device: 
     reference_path = resolve_reference(model, reference)
     picture = load_image(image)
     ref = Reference(reference_path, device=device, dtype=dtype)  # first: fails fast without torch/CUDA
-    ours, processor = load(model)
+    ours, processor = load(model, exact=exact)
     inputs = processor(build_prompt(processor, prompt), images=[picture])
     return compare_models(ours, processor, ref, inputs, tokens, model_name=model, reference_name=reference_path)
 
@@ -70,6 +70,9 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("float32", "--dtype", help="Reference dtype: float32, float16 or bfloat16."),
         tokens: int = typer.Option(16, "--tokens", help="Greedy tokens to compare (0: logits only)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
+        exact: bool = typer.Option(
+            True, "--exact/--int8", help="Float32 activations in quantized layers (default), or the int8 ones generate uses on x86."
+        ),
     ):
         """Compare MODEL with transformers' LlavaNextForConditionalGeneration on one image and prompt."""
         from ..parity import format_report
@@ -78,7 +81,7 @@ def register(app: typer.Typer) -> None:
             # With --json, stdout carries exactly one JSON object: library chatter goes to stderr.
             quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
             with quiet:
-                report = run(model, image, prompt, reference, device, dtype, tokens)
+                report = run(model, image, prompt, reference, device, dtype, tokens, exact)
         if as_json:
             typer.echo(json.dumps(report.to_dict()))
         else:

@@ -40,6 +40,7 @@ def serve_command(
     max_body_mb: int = typer.Option(64, "--max-body-mb", help="Largest request body (MiB); more gets 413."),
     fetch: bool = typer.Option(True, "--fetch/--no-fetch", help="Fetch http(s) image URLs (timeout and size cap apply)."),
     fetch_timeout: float = typer.Option(10.0, "--fetch-timeout", help="Seconds for one http(s) image fetch."),
+    exact: bool = typer.Option(False, "--exact", help="Keep float32 activations in 4-bit layers (results equal to MLX's; default on x86: int8 ones, faster)."),
 ):
     """Serve the model over the OpenAI chat-completions API, with a chat page at /.
 
@@ -51,7 +52,7 @@ def serve_command(
         fail(f"--media-dir {media_dir}: not a directory")
     with user_errors():
         typer.echo(f"loading {model} ...", err=True)
-        m, processor = load_model(model)
+        m, processor = load_model(model, exact)
         reader, model_path = line_reader(model), str(resolve_model_arg(model))  # for POST /v1/ocr, as cli.py ocr
     try:
         server = start_server(m, processor, model, host=host, port=port, api_key=api_key, media_dir=media_dir,
