@@ -141,7 +141,7 @@ def quality_report(reference, quantized, dtype: Optional[mx.Dtype] = None, promp
     expected = [next_token_logits(model, batch, image_token) for batch in batches]
     del model
     mx.clear_cache()
-    model, _ = load_model(quantized_dir, dtype=dtype)
+    model, _ = load_model(quantized_dir, dtype=dtype, exact=True)  # the weights' cost alone
     per_prompt, all_kl, all_agree = [], [], []
     for (name, _, _), batch, ref_logits in zip(prompts, batches, expected):
         kl, agree = kl_and_top1(ref_logits, next_token_logits(model, batch, image_token))
@@ -149,10 +149,13 @@ def quality_report(reference, quantized, dtype: Optional[mx.Dtype] = None, promp
         all_agree.append(agree)
         per_prompt.append({"prompt": name, "tokens": int(kl.size), "mean_kl": float(kl.mean()),
                            "top1_agreement": float(agree.mean())})
+    kl = np.concatenate(all_kl)
+    activations = int8_effect(model, batches, image_token, weights_kl=float(kl.mean()))  # (c)
     kv_cache = kv_cache_effect(model, batches, image_token)  # (b): float16 against float32 KV cache
     kl, agree = np.concatenate(all_kl), np.concatenate(all_agree)
     return {
         "kv_cache_float16": kv_cache,
+        "int8_activations": activations,
         "reference": str(reference),
         "quantized": str(quantized),
         "quantization": read_config(quantized_dir).get("quantization"),
@@ -183,6 +186,80 @@ def kv_cache_effect(model, batches, image_token_id: int) -> dict:
             "top1_agreement": float(agree.mean())}
 
 
+# The gate for int8 activations by default (issue 18 c): their KL from float activations at most this
+# fraction of the weights' own KL, and the greedy continuations' top-1 agreeing this often.
+INT8_KL_FRACTION = 0.10
+INT8_AGREEMENT = 0.99
+CONTINUATION_TOKENS = 32
+
+
+def _greedy_logits(model, batch: dict, image_token_id: int, tokens=None, n: int = CONTINUATION_TOKENS):
+    """Prefill the prompt through a cache, then decode n tokens: greedily (tokens=None) or fed
+    `tokens` (teacher-forced on another run's continuation). Returns (logits [text positions + n,
+    vocab], the tokens fed or chosen)."""
+    cache = model.make_cache()
+    logits = model(batch["input_ids"], pixel_values=batch.get("pixel_values"), image_sizes=batch.get("image_sizes"),
+                   cache=cache)[0]
+    text = np.asarray(batch["input_ids"])[0] != image_token_id
+    rows = [np.array(logits.astype(mx.float32))[text]]
+    chosen = []
+    for i in range(n):
+        if tokens is None:
+            last = rows[-1][-1].copy()
+            last[image_token_id] = -np.inf  # an image token would need image features
+            token = int(np.argmax(last))
+        else:
+            token = int(tokens[i])
+        chosen.append(token)
+        if i + 1 < n:
+            step = model(mx.array([[token]]), cache=cache)[0]
+            rows.append(np.array(step.astype(mx.float32)))
+    return np.concatenate(rows), chosen
+
+
+def int8_effect(model, batches, image_token_id: int, weights_kl: float) -> Optional[dict]:
+    """KL(float activations || int8 activations) of the quantized model (fastpath.py's two modes),
+    at the prompts' text positions and along the float run's greedy continuation (the int8 run
+    teacher-forced on it, so one early difference does not decide every later position), and the
+    gate: KL <= INT8_KL_FRACTION of the weights' KL, continuation top-1 agreement >= INT8_AGREEMENT.
+    None where the int8 kernels do not run (no fast path, other CPUs). Measured for every weight
+    width, including those (fastpath.INT8_BITS) that do not take int8 by default."""
+    from mlx_llava_next import fastpath
+
+    layers = [m for _, m in model.named_modules() if isinstance(m, fastpath.FastQuantizedLinear)]
+    if not layers or not any(fastpath.int8_supported(m["weight"].shape[1] * 32 // m.bits) for m in layers):
+        return None
+    default_bits, fastpath.INT8_BITS = fastpath.INT8_BITS, (4, 8)
+    try:
+        return _int8_effect(model, batches, image_token_id, weights_kl)
+    finally:
+        fastpath.INT8_BITS = default_bits
+        fastpath.set_exact(model, False)  # as load() leaves it
+
+
+def _int8_effect(model, batches, image_token_id: int, weights_kl: float) -> dict:
+    from mlx_llava_next import fastpath
+
+    per_prompt, all_kl, continuation = [], [], []
+    for batch in batches:
+        fastpath.set_exact(model, True)
+        exact, tokens = _greedy_logits(model, batch, image_token_id)
+        fastpath.set_exact(model, False)
+        int8, _ = _greedy_logits(model, batch, image_token_id, tokens)
+        kl, agree = kl_and_top1(exact, int8)
+        n = len(tokens)  # rows predicting the continuation: the prompt's last, then n - 1 steps
+        all_kl.append(kl)
+        continuation.append(agree[-n:])
+        per_prompt.append({"mean_kl": float(kl.mean()), "continuation_agreement": float(agree[-n:].mean())})
+    kl, agree = np.concatenate(all_kl), np.concatenate(continuation)
+    gate = {"kl_fraction_max": INT8_KL_FRACTION, "agreement_min": INT8_AGREEMENT,
+            "kl_fraction": float(kl.mean()) / weights_kl if weights_kl > 0 else float("inf")}
+    gate["passed"] = bool(gate["kl_fraction"] <= INT8_KL_FRACTION and agree.mean() >= INT8_AGREEMENT)
+    return {"path": fastpath.info()["int8"], "positions": int(kl.size), "mean_kl": float(kl.mean()),
+            "max_kl": float(kl.max()), "continuation_positions": int(agree.size),
+            "continuation_agreement": float(agree.mean()), "per_prompt": per_prompt, "gate": gate}
+
+
 def format_report(report: dict) -> str:
     ref, q = report["reference_weights"], report["quantized_weights"]
     lines = [
@@ -198,9 +275,20 @@ def format_report(report: dict) -> str:
     if kv:
         lines.append(f"  float16 KV cache vs float32 (quantized model): mean KL {kv['mean_kl']:.3e} nats"
                      f"  (max {kv['max_kl']:.3e}), top-1 agreement {100 * kv['top1_agreement']:.2f}%")
-    for row in report["per_prompt"]:
+    a = report.get("int8_activations")
+    if a:
+        g = a["gate"]
+        lines.append(f"  int8 activations vs float ({a['path']} kernels): mean KL {a['mean_kl']:.3e} nats"
+                     f" = {100 * g['kl_fraction']:.2f}% of the weights' (gate <= {100 * g['kl_fraction_max']:.0f}%);"
+                     f" greedy continuations agree on {100 * a['continuation_agreement']:.2f}% of"
+                     f" {a['continuation_positions']} positions (gate >= {100 * g['agreement_min']:.0f}%):"
+                     f" {'passed' if g['passed'] else 'FAILED'}")
+    for i, row in enumerate(report["per_prompt"]):
+        int8 = (a or {}).get("per_prompt", [None] * (i + 1))[i]
         lines.append(f"    {row['prompt']:<12} {row['tokens']:>6} tokens  KL {row['mean_kl']:.3e}"
-                     f"  top-1 {100 * row['top1_agreement']:.1f}%")
+                     f"  top-1 {100 * row['top1_agreement']:.1f}%"
+                     + (f"  int8 KL {int8['mean_kl']:.3e}, continuation {100 * int8['continuation_agreement']:.1f}%"
+                        if int8 else ""))
     return "\n".join(lines)
 
 

@@ -261,3 +261,22 @@ def test_eight_bit_layers_keep_float_by_default():
     assert fastpath.enable(layer) == 1 and not layer.exact and 8 not in fastpath.INT8_BITS
     x = mx.random.normal((2, 256))
     assert np.allclose(np.asarray(layer(x)), np.asarray(plain(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_quality_report_gate(tiny_checkpoint, tmp_path):
+    """The report's (c) section: KL of int8 against float activations and the gate's arithmetic."""
+    from convert.mlx import convert
+    from quantize.mlx import QuantConfig
+    from quantize.report import INT8_AGREEMENT, INT8_KL_FRACTION, format_report, quality_report
+
+    source = tiny_checkpoint("llama").path
+    out = convert(source, tmp_path / "q4", dtype="float16", quantization=QuantConfig(bits=4, group_size=64),
+                  show_progress=False)
+    report = quality_report(source, out)
+    a, gate = report["int8_activations"], report["int8_activations"]["gate"]
+    assert a["path"] == fastpath.info()["int8"] and a["positions"] > a["continuation_positions"] == 5 * 32
+    assert 0 < a["mean_kl"] < report["mean_kl"]  # int8 activations cost far less than 4-bit weights
+    assert gate["kl_fraction"] == pytest.approx(a["mean_kl"] / report["mean_kl"])
+    assert gate["passed"] == (gate["kl_fraction"] <= INT8_KL_FRACTION and a["continuation_agreement"] >= INT8_AGREEMENT)
+    assert "int8 activations vs float" in format_report(report)
+    assert fastpath.INT8_BITS == (4,)
