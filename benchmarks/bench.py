@@ -69,7 +69,8 @@ def limits(machine: dict, ours: dict, config: dict) -> dict:
 
     bw = machine["bandwidth_bytes_per_s"]
     prompt = ours["prompt_tokens"]
-    kv = kv_cache_bytes(config, prompt + ours["decode_tokens"])
+    itemsize = 2 if ours.get("kv_cache_dtype") == "float16" else 4  # our float16 cache, else float32
+    kv = kv_cache_bytes(config, prompt + ours["decode_tokens"], itemsize)
     read = ours["decode_read_bytes"]
     text = dict(config["text_config"])
     # prefill multiplies every token through the decoder layers (the head sees only the last one)
@@ -79,7 +80,7 @@ def limits(machine: dict, ours: dict, config: dict) -> dict:
         "weights_bytes": ours["weights_bytes"],
         "decode_read_bytes": read,
         "kv_cache_bytes": kv,
-        "decode_tps": bw / (read + kv_cache_bytes(config, prompt)),
+        "decode_tps": bw / (read + kv_cache_bytes(config, prompt, itemsize)),
         "decode_tps_short": bw / read,
         "prefill_tps": machine["gemm_flops_per_s"] / flops_per_token,
         "peak_rss_target_bytes": 1.25 * (ours["weights_bytes"] + kv),

@@ -140,6 +140,7 @@ def run(model: Model, config: dict, decode_tokens: int = 64, prefill_step: int =
         "peak_rss_note": None if rss_reset else "includes model building (peak RSS could not be reset)",
         "mlx_peak_bytes": mlx_peak,
         "prefill_step": prefill_step,
+        "kv_cache_dtype": getattr(cache[0], "dtype", "float32"),  # kv_cache.py: float16 for this 4-bit model
         "fastpath": fastpath.info(),
         "quantized_layers_fast": sum(isinstance(m, fastpath.FastQuantizedLinear) for _, m in model.named_modules()),
     }
