@@ -457,3 +457,95 @@ def test_missing_mmproj(gguf_export, tmp_path):
     mmproj.unlink()
     expect_error(text.parent, "no mmproj")
     expect_error(text, "no mmproj")
+
+
+# -- issue 13: a tensor whose dimension count or type disagrees; chat templates in a GGUF --------
+
+
+def rewrite(path, template=None, shapes=()):
+    """Write `path` again with gguf-py (its metadata and tensors as read by GGUFReader), with the
+    chat template replaced and some tensors given another shape of the same data."""
+    import gguf
+
+    reader = GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    tmp = path.with_name(path.name + ".new")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        value = template if field.name == "tokenizer.chat_template" and template is not None else field.contents()
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub)
+    data = {t.name: np.asarray(t.data).reshape(dict(shapes).get(t.name, t.data.shape)) for t in reader.tensors}
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, data[t.name].shape, data[t.name].dtype, data[t.name].nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(data[t.name])
+    writer.close()
+    del reader
+    tmp.replace(path)
+
+
+def test_tensor_type_that_does_not_fit_its_data(gguf_export, tmp_path):
+    """A tensor the header gives a narrower type than its data (F16 over F32 bytes): the shapes
+    match, so before the tiling check it loaded silently and read half its bytes as garbage."""
+    text, _ = copy_pair(gguf_export, tmp_path, qtype="f32")
+    info = tensor_info_dims("blk.0.ffn_up.weight", (64, 128))
+    patch(text, info + struct.pack("<I", Q.F32), info + struct.pack("<I", Q.F16))
+    expect_error(text, "unused bytes after tensor 'blk.0.ffn_up.weight'", "wrong type or shape")
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("blk.0.ffn_up.weight", (1, 128, 64)),  # 3 dimensions for a matrix
+    ("blk.0.ffn_up.weight", (128 * 64,)),  # 1 dimension for a matrix
+    ("blk.1.attn_norm.weight", (1, 64)),  # 2 dimensions for a vector
+    ("v.blk.0.ln1.weight", (2, 16)),  # the vision tower's, same size
+])
+def test_dimension_count_that_disagrees_with_the_model(gguf_export, tmp_path, name, shape):
+    """The same data under another dimension count is refused, naming the tensor and both shapes."""
+    text, mmproj = copy_pair(gguf_export, tmp_path, qtype="f32")
+    target = mmproj if name.startswith("v.") else text
+    expected = dict((t.name, tuple(t.data.shape)) for t in GGUFReader(str(target)).tensors)[name]
+    rewrite(target, shapes={name: shape})
+    assert [len(t.shape) for t in GGUFReader(str(target)).tensors if t.name == name] == [len(shape)]  # n_dims
+    expect_error(text, name, f"has shape {shape}", f"expected {expected}")
+
+
+@pytest.mark.parametrize("template, when, word", [
+    ("{% for m in messages %}{{ m['content'] }}", "load", "not valid jinja"),  # no endfor
+    ("{{ raise_exception('roles must alternate user/assistant') }}", "prompt", "roles must alternate"),
+])
+def test_gguf_chat_template_errors(gguf_export, tmp_path, make_image, template, when, word):
+    """A real GGUF pair whose tokenizer.chat_template is rewritten (gguf-py): a syntax error is a
+    CheckpointError when it is loaded, a template's raise_exception() a PromptError from generate
+    and chat; the CLI prints one `error:` line; jinja's own exceptions never escape."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from mlx_llava_next import PromptError
+
+    text, _ = copy_pair(gguf_export, tmp_path)
+    assert "tokenizer.chat_template" in GGUFReader(str(text)).fields  # our converter writes one
+    rewrite(text, template=template)
+    assert GGUFReader(str(text)).fields["tokenizer.chat_template"].contents() == template
+    image = tmp_path / "cat.png"
+    make_image(60, 90).save(image)
+    if when == "load":
+        with pytest.raises(CheckpointError, match=word):
+            load(text.parent)
+    else:
+        model, processor = load(text.parent)
+        with pytest.raises(PromptError, match=word):
+            generate(model, processor, "What is shown?", images=[str(image)], max_tokens=2)
+    for command in (["generate", "--model", text.parent, "-i", image, "-p", "What is shown?", "--max-tokens", 2],
+                    ["chat", "--model", text.parent, "-i", image, "--max-tokens", 2]):
+        result = CliRunner().invoke(app, [str(a) for a in command], input="What is shown?\n")
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 1, (command[0], result.stderr)
+        assert "Traceback" not in result.stderr and "jinja2" not in result.stderr, result.stderr
+        assert any(line.startswith("error: ") and word in line for line in lines), result.stderr
+        assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
