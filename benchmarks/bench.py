@@ -312,7 +312,7 @@ def table(result: dict) -> str:
     if m.get("cpu_flags") is not None:
         fast = (ours or {}).get("fastpath", {})
         simd = fast.get("simd")
-        if simd and fast.get("int8") and not ours.get("exact"):  # int8 activations (fastpath.py)
+        if simd and fast.get("int8") and not ours.get("exact") and ours.get("bits") == 4:  # fastpath.INT8_BITS
             simd = (f"int8-activation {fast['int8']} path (this CPU runs {', '.join(fast['int8_paths'])}); "
                     f"float kernels (vision tower, --exact): {simd}")
         elif simd:
