@@ -134,7 +134,7 @@ def test_bad_documents_and_limits_are_openai_errors(server, four_pages, tmp_path
         ({"file": enc(b"just some text, not a document")}, 415, "unsupported_media_type", "neither a PDF"),
         ({"file": "%%% not base64"}, 400, "invalid_document", "base64"),
         ({"file": enc(whole), "pages": "3-1"}, 400, None, "backwards"),
-        ({"file": enc(whole), "pages": "9"}, 400, "invalid_document", "selects no page"),
+        ({"file": enc(whole), "pages": "9"}, 400, "invalid_document", "`pages` selects no page"),
         ({"file": enc(whole), "format": "docx"}, 400, None, "`format`"),
         ({"file": enc(whole), "layout": "columns"}, 400, None, "`layout`"),
         ({"file": enc(whole), "dpi": 5}, 400, None, "`dpi`"),

@@ -274,6 +274,7 @@ class Engine:
                 return
             except LlavaNextError as e:  # broken, truncated, encrypted, no pages, a page over the pixel limit
                 message = " ".join(str(e).split()).replace(str(path), r.filename)
+                message = message.replace("--pages", "`pages`").replace("--dpi", "`dpi`")  # this API's names
                 job.outcome = "error"
                 job.events.put(("error", ApiError(400, message, param="file", code="invalid_document")))
                 return
