@@ -20,6 +20,10 @@ import mlx.core as mx
 MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2")
 BLOCK_BYTES = 1 << 27  # float64 scores of one block of queries: 128 MiB
 _original = None  # mlx-lm's own function
+# What a False entry of a boolean mask (or the causal mask) leaves of a score: float32's lowest, as
+# MLX fills it, so a query that sees no key at all (a left-padded row) averages the values as MLX
+# does instead of giving NaN (which its key and value rows would then carry into later layers).
+_MASKED = float(mx.finfo(mx.float32).min)
 
 
 def _applies(queries, keys, values, cache, mask, sinks) -> bool:
@@ -62,10 +66,10 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
         scores = (q[..., i0 : i0 + rows, :] @ kt).astype(mx.float64) * scale
         if isinstance(mask, str):  # query i sees keys [0, S - L + i], MLX's mask="causal"
             seen = mx.arange(S - L + i0, S - L + i0 + rows)[:, None] >= mx.arange(S)[None]
-            scores = mx.where(seen, scores, -mx.inf)
+            scores = mx.where(seen, scores, _MASKED)
         elif mask is not None:
             part = mask[..., i0 : i0 + rows, :] if mask.ndim >= 2 and mask.shape[-2] == L else mask
-            scores = mx.where(part, scores, -mx.inf) if part.dtype == mx.bool_ else scores + part.astype(mx.float64)
+            scores = mx.where(part, scores, _MASKED) if part.dtype == mx.bool_ else scores + part.astype(mx.float64)
         weights = mx.exp(scores - scores.max(axis=-1, keepdims=True))
         weights = (weights / weights.sum(axis=-1, keepdims=True)).astype(mx.float32)
         outputs.append(weights @ v)
