@@ -2,7 +2,7 @@
 
 `HostKVCache` is a sibling of mlx-lm's `KVCache` (same interface: `update_and_fetch`, `offset`,
 `state`, `trim`, `make_mask`, `nbytes`, ...; tests/test_kv_cache.py pins the behaviour of mlx-lm's
-that it mirrors). Its buffers are numpy arrays [1, kv heads, capacity, head dim] grown in steps
+that it mirrors). Its buffers are numpy arrays [batch, kv heads, capacity, head dim] grown in steps
 of 256 rows like mlx-lm's, so the native decode step (fastpath.FastDecodeBlock, native/kv.c)
 ropes, writes and attends in place with no MLX evaluation, and a float16 cache halves what a
 decode step reads at depth. Prompt chunks go through MLX: `update_and_fetch` writes the chunk
@@ -49,20 +49,22 @@ class HostKVCache:
         if dtype not in _NUMPY:
             raise ValueError(f"HostKVCache dtype must be float16 or float32, got {dtype!r}")
         self.dtype = dtype
-        self.keys: Optional[np.ndarray] = None  # [1, kv heads, capacity, head dim]
+        self.keys: Optional[np.ndarray] = None  # [batch, kv heads, capacity, head dim]
         self.values: Optional[np.ndarray] = None
         self.offset = 0
 
     # -- room -----------------------------------------------------------------------------
-    def reserve(self, n_kv_heads: int, head_dim: int, v_head_dim: int, n: int) -> None:
+    def reserve(self, n_kv_heads: int, head_dim: int, v_head_dim: int, n: int, batch: int = 1) -> None:
         """Make room for n more rows (a new buffer of whole steps, the used rows copied over)."""
+        if self.keys is not None and self.keys.shape[0] != batch:
+            raise ValueError(f"this cache holds a batch of {self.keys.shape[0]}, not {batch}")
         need = self.offset + n
         if self.keys is not None and need <= self.keys.shape[2]:
             return
         rows = (need + self.step - 1) // self.step * self.step
         dt = _NUMPY[self.dtype]
-        keys = np.zeros((1, n_kv_heads, rows, head_dim), dt)
-        values = np.zeros((1, n_kv_heads, rows, v_head_dim), dt)
+        keys = np.zeros((batch, n_kv_heads, rows, head_dim), dt)
+        values = np.zeros((batch, n_kv_heads, rows, v_head_dim), dt)
         if self.keys is not None:
             keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
             values[:, :, : self.offset] = self.values[:, :, : self.offset]
@@ -71,7 +73,7 @@ class HostKVCache:
     def _store(self, buffer: np.ndarray, rows: mx.array, start: int) -> None:
         x = np.ascontiguousarray(np.asarray(rows if rows.dtype == mx.float32 else rows.astype(mx.float32)))
         native = _native()
-        if native is not None:
+        if native is not None and buffer.shape[0] == 1:
             native.kv_store(x, buffer, start)  # F16C rounding; numpy's float16 cast is scalar
         else:
             buffer[:, :, start : start + x.shape[2]] = x
@@ -79,7 +81,7 @@ class HostKVCache:
     def _fetch(self, buffer: np.ndarray, dtype) -> mx.array:
         """Rows [0, offset) as an MLX array of `dtype` (float32 read through F16C for a float16 cache)."""
         used = buffer[:, :, : self.offset]
-        if dtype == mx.float32 and self.dtype == "float16" and _native() is not None:
+        if dtype == mx.float32 and self.dtype == "float16" and _native() is not None and buffer.shape[0] == 1:
             out = np.empty(used.shape, np.float32)
             _native().kv_load(buffer, out)
             return mx.array(out)
@@ -88,11 +90,9 @@ class HostKVCache:
 
     # -- mlx-lm's KVCache interface -------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """Append keys/values [1, kv heads, n, head dim]; all cached rows back, in the input dtype."""
-        if keys.shape[0] != 1:
-            raise ValueError("HostKVCache holds one sequence (batch size 1)")
+        """Append keys/values [batch, kv heads, n, head dim]; all cached rows back, in the input dtype."""
         n = keys.shape[2]
-        self.reserve(keys.shape[1], keys.shape[3], values.shape[3], n)
+        self.reserve(keys.shape[1], keys.shape[3], values.shape[3], n, keys.shape[0])
         prev = self.offset
         mx.eval(keys, values)
         self._store(self.keys, keys, prev)
@@ -129,7 +129,7 @@ class HostKVCache:
             return
         self.keys = self.values = None
         self.offset = 0
-        self.reserve(keys.shape[1], keys.shape[3], values.shape[3], int(offset))
+        self.reserve(keys.shape[1], keys.shape[3], values.shape[3], int(offset), keys.shape[0])
         self._store(self.keys, keys[:, :, :offset], 0)
         self._store(self.values, values[:, :, :offset], 0)
         self.offset = int(offset)
@@ -174,7 +174,7 @@ class HostKVCache:
         other.keys = other.values = None
         other.offset = 0
         if self.keys is not None:
-            other.reserve(self.keys.shape[1], self.keys.shape[3], self.values.shape[3], self.offset)
+            other.reserve(self.keys.shape[1], self.keys.shape[3], self.values.shape[3], self.offset, self.keys.shape[0])
             other.keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
             other.values[:, :, : self.offset] = self.values[:, :, : self.offset]
             other.offset = self.offset

@@ -81,6 +81,21 @@ def test_same_calls_same_results_as_mlx_lm_kvcache():
     assert mlx_cache.can_trim_prompt_cache([ours]) and mlx_cache.trim_prompt_cache([ours], 1) == 1
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_batches_as_mlx_lm_kvcache(dtype):
+    """A batch of two rows (a prompt without padding), through numpy: mlx-lm's rows, rounded."""
+    rng = np.random.default_rng(9)
+    theirs, ours = mlx_cache.KVCache(), HostKVCache(dtype)
+    for n in (3, 1, 260):
+        k = mx.array(rng.standard_normal((2, 2, n, 8)).astype(np.float32))
+        tk, _ = theirs.update_and_fetch(k, k)
+        ok, _ = ours.update_and_fetch(k, k)
+        expected = np.asarray(tk).astype(np.float16 if dtype == "float16" else np.float32).astype(np.float32)
+        assert ok.shape == tk.shape and np.array_equal(np.asarray(ok), expected)
+    with pytest.raises(ValueError, match="batch of 2"):
+        ours.update_and_fetch(k[:1], k[:1])
+
+
 def test_mlx_lm_cache_plumbing_we_rely_on(tmp_path):
     """The model asks the cache for its mask; prompt-cache files name their classes in mlx-lm's
     module (so ours is saved as a KVCache); the LRU prompt cache deep-copies what it hands out
