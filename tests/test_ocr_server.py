@@ -150,6 +150,9 @@ def test_bad_documents_and_limits_are_openai_errors(server, four_pages, tmp_path
     assert post(server.url, {"file": enc(whole)}, key=None)[0] == 401
     assert post(server.url, {"file": enc(whole)}, key="wrong")[0] == 401
     assert post(server.url, raw=b"{}", content_type="application/pdf")[0] == 415
+    with pytest.raises(urllib.error.HTTPError) as got:
+        urllib.request.urlopen(server.url + "/v1/ocr", timeout=30)
+    assert got.value.code == 405 and json.loads(got.value.read())["error"]["code"] == "method_not_allowed"
     # 413 from the headers alone: a 5 MB body over the 1 MiB limit is not read
     with socket.create_connection(("127.0.0.1", server.server.server_port), timeout=10) as sock:
         sock.sendall(b"POST /v1/ocr HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer sekrit\r\n"
