@@ -144,7 +144,7 @@ def worker_main(name: str, args: dict) -> dict:
         from . import ours
 
         return ours.main(config, args["bits"], args["group_size"], args["decode_tokens"], args["prefill_step"],
-                         args.get("gguf_path"), exact=args.get("exact", False))
+                         args.get("gguf_path"), exact=args.get("exact"))
     if name == "transformers":
         from . import reference
 
@@ -161,7 +161,7 @@ def run(shape: str = "mistral-7b", bits: int = 4, group_size: int = 64, compare:
         llama_cpp_bin: Optional[str] = None, decode_tokens: int = 64, prefill_step: int = 2048,
         threads: int = 2, transformers_dtype: str = "bfloat16", transformers_layers: Optional[int] = None,
         transformers_max_seconds: float = 7200.0, llama_cpp_depth: bool = True, workdir: Optional[str] = None,
-        log=lambda message: None, exact: bool = False) -> dict:
+        log=lambda message: None, exact: Optional[bool] = None) -> dict:
     """Run every runtime asked for; returns {"ours", "llama.cpp", "transformers", "limits", "machine", ...}."""
     from .shapes import PROBES
     from .shapes import config as shape_config
@@ -314,9 +314,9 @@ def table(result: dict) -> str:
         simd = fast.get("simd")
         if simd and fast.get("int8") and not ours.get("exact") and ours.get("bits") == 4:  # fastpath.INT8_BITS
             simd = (f"int8-activation {fast['int8']} path (this CPU runs {', '.join(fast['int8_paths'])}); "
-                    f"float kernels (vision tower, --exact): {simd}")
+                    f"float kernels (vision tower; --exact, the default): {simd}")
         elif simd:
-            simd = f"{simd} path" + (" (--exact: float32 activations)" if ours.get("exact") else "")
+            simd = f"{simd} path" + (" (float32 activations: --exact, the default)" if ours.get("exact") else "")
         notes.append(f"CPU flags: {' '.join(m['cpu_flags']) or 'none of ' + ' '.join(SIMD_FLAGS)}"
                      + (f"; our kernels ran their {simd}" if simd else ""))
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])

@@ -26,7 +26,7 @@ from . import memory
 from .shapes import PROMPT_HEAD, PROMPT_TAIL, kv_cache_bytes, prompt_ids, test_image  # noqa: F401
 
 
-def build_model(config: dict, bits: int = 4, group_size: int = 64, seed: int = 0, exact: bool = False) -> Model:
+def build_model(config: dict, bits: int = 4, group_size: int = 64, seed: int = 0, exact: Optional[bool] = None) -> Model:
     mx.random.seed(seed)
     model = Model(LlavaNextConfig.from_dict(config))  # parameters are lazy random arrays
 
@@ -147,8 +147,9 @@ def run(model: Model, config: dict, decode_tokens: int = 64, prefill_step: int =
 
 
 def main(config: dict, bits: int, group_size: int, decode_tokens: int, prefill_step: int,
-         gguf_path: Optional[str] = None, exact: bool = False) -> dict:
+         gguf_path: Optional[str] = None, exact: Optional[bool] = None) -> dict:
     """The `ours` worker: build, measure, then (optionally) export the same weights for llama.cpp."""
+    exact = fastpath.resolve_exact(exact)
     build_start = time.perf_counter()
     model = build_model(config, bits=bits, group_size=group_size, exact=exact)
     result = {"build_s": time.perf_counter() - build_start, "bits": bits, "group_size": group_size, "exact": exact,

@@ -224,7 +224,7 @@ def cast(weights: Dict[str, mx.array], dtype: Optional[mx.Dtype]) -> Dict[str, m
 
 
 def load_model(model_dir, dtype: Optional[mx.Dtype] = None, lazy: bool = False,
-               exact: bool = False) -> Tuple[Model, dict]:
+               exact: Optional[bool] = None) -> Tuple[Model, dict]:
     from .blas import warn_if_reference
 
     warn_if_reference()  # once a process, on Linux without an optimized BLAS
@@ -258,14 +258,15 @@ def load_tokenizer(model_dir: Path, raw_config: dict):
 
 
 def load(path_or_repo, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None, lazy: bool = False,
-         distributed: Optional[str] = None, kv_cache: Optional[str] = None, exact: bool = False):
+         distributed: Optional[str] = None, kv_cache: Optional[str] = None, exact: Optional[bool] = None):
     """(model, processor) from a Hub id, a local HF or converted MLX directory, or a GGUF pair.
 
     distributed="tensor" | "pipeline": under mlx.launch, this rank's part of a split language model
     (see distributed.py). kv_cache="float16" | "float32" | "auto" (None): the KV cache's dtype;
     auto is float16 for quantized models on the CPU fast path, else mlx-lm's cache (kv_cache.py).
-    exact=True: quantized layers keep float32 activations on the CPU fast path (products equal to
-    mx.quantized_matmul to rounding) instead of int8 ones (see fastpath.py)."""
+    exact: on the CPU fast path, quantized layers take float32 activations (True; products equal
+    to mx.quantized_matmul to rounding) or int8 ones (False: faster, see fastpath.py); None: the
+    default, float32 (fastpath.INT8_DEFAULT)."""
     from .kv_cache import check_choice, use_kv_cache
 
     kv_cache = check_choice(kv_cache)

@@ -61,7 +61,7 @@ def synthetic_image(height: int, width: int, pattern: str):
 def prompt_inputs(processor, question: str, images) -> dict:
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    pictures = [synthetic_image(*spec) for spec in images]
+    pictures = [spec if hasattr(spec, "convert") else synthetic_image(*spec) for spec in images]  # PIL or a spec
     return processor(text, images=pictures or None)
 
 
@@ -139,6 +139,8 @@ def quality_report(reference, quantized, dtype: Optional[mx.Dtype] = None, promp
     batches = [prompt_inputs(processor, question, images) for _, question, images in prompts]
     image_token = processor.image_token_id
     expected = [next_token_logits(model, batch, image_token) for batch in batches]
+    eos = set(processor.tokenizer.eos_token_ids)
+    continued = [_greedy_logits(model, batch, image_token, eos=eos) for batch in batches]  # (c)'s positions
     del model
     mx.clear_cache()
     model, _ = load_model(quantized_dir, dtype=dtype, exact=True)  # the weights' cost alone
@@ -150,7 +152,7 @@ def quality_report(reference, quantized, dtype: Optional[mx.Dtype] = None, promp
         per_prompt.append({"prompt": name, "tokens": int(kl.size), "mean_kl": float(kl.mean()),
                            "top1_agreement": float(agree.mean())})
     kl = np.concatenate(all_kl)
-    activations = int8_effect(model, batches, image_token, weights_kl=float(kl.mean()))  # (c)
+    activations = int8_effect(model, batches, image_token, continued)  # (c)
     kv_cache = kv_cache_effect(model, batches, image_token)  # (b): float16 against float32 KV cache
     kl, agree = np.concatenate(all_kl), np.concatenate(all_agree)
     return {
@@ -193,10 +195,13 @@ INT8_AGREEMENT = 0.99
 CONTINUATION_TOKENS = 32
 
 
-def _greedy_logits(model, batch: dict, image_token_id: int, tokens=None, n: int = CONTINUATION_TOKENS):
-    """Prefill the prompt through a cache, then decode n tokens: greedily (tokens=None) or fed
-    `tokens` (teacher-forced on another run's continuation). Returns (logits [text positions + n,
-    vocab], the tokens fed or chosen)."""
+def _greedy_logits(model, batch: dict, image_token_id: int, tokens=None, n: int = CONTINUATION_TOKENS, eos=()):
+    """Prefill the prompt through a cache, then decode up to n tokens: greedily (tokens=None; the
+    continuation ends at an `eos` token, as generation does: what follows is never read) or fed
+    `tokens` (teacher-forced on another run's continuation). Returns (logits [text positions +
+    len(tokens), vocab], the tokens fed or chosen)."""
+    if tokens is not None:
+        n = len(tokens)
     cache = model.make_cache()
     logits = model(batch["input_ids"], pixel_values=batch.get("pixel_values"), image_sizes=batch.get("image_sizes"),
                    cache=cache)[0]
@@ -211,19 +216,23 @@ def _greedy_logits(model, batch: dict, image_token_id: int, tokens=None, n: int 
         else:
             token = int(tokens[i])
         chosen.append(token)
+        if token in eos:
+            break
         if i + 1 < n:
             step = model(mx.array([[token]]), cache=cache)[0]
             rows.append(np.array(step.astype(mx.float32)))
     return np.concatenate(rows), chosen
 
 
-def int8_effect(model, batches, image_token_id: int, weights_kl: float) -> Optional[dict]:
-    """KL(float activations || int8 activations) of the quantized model (fastpath.py's two modes),
-    at the prompts' text positions and along the float run's greedy continuation (the int8 run
-    teacher-forced on it, so one early difference does not decide every later position), and the
-    gate: KL <= INT8_KL_FRACTION of the weights' KL, continuation top-1 agreement >= INT8_AGREEMENT.
-    None where the int8 kernels do not run (no fast path, other CPUs). Measured for every weight
-    width, including those (fastpath.INT8_BITS) that do not take int8 by default."""
+def int8_effect(model, batches, image_token_id: int, reference_runs) -> Optional[dict]:
+    """KL(float activations || int8 activations) of the quantized model (fastpath.py's two modes)
+    against KL(reference || quantized, float activations), both at the same positions: the prompts'
+    text and the reference's greedy continuation (`reference_runs`: (logits, tokens) per prompt from
+    `_greedy_logits`; the quantized runs are teacher-forced on those tokens, so one early
+    difference does not decide every later position). The gate: int8's KL <= INT8_KL_FRACTION of the
+    weights', and the float and int8 runs' top-1 agree on >= INT8_AGREEMENT of the continuation's
+    positions. None where the int8 kernels do not run (no fast path, other CPUs). Measured for every
+    weight width, including those (fastpath.INT8_BITS) that do not take int8 by default."""
     from mlx_llava_next import fastpath
 
     layers = [m for _, m in model.named_modules() if isinstance(m, fastpath.FastQuantizedLinear)]
@@ -231,28 +240,32 @@ def int8_effect(model, batches, image_token_id: int, weights_kl: float) -> Optio
         return None
     default_bits, fastpath.INT8_BITS = fastpath.INT8_BITS, (4, 8)
     try:
-        return _int8_effect(model, batches, image_token_id, weights_kl)
+        return _int8_effect(model, batches, image_token_id, reference_runs)
     finally:
         fastpath.INT8_BITS = default_bits
         fastpath.set_exact(model, False)  # as load() leaves it
 
 
-def _int8_effect(model, batches, image_token_id: int, weights_kl: float) -> dict:
+def _int8_effect(model, batches, image_token_id: int, reference_runs) -> dict:
     from mlx_llava_next import fastpath
 
-    per_prompt, all_kl, continuation = [], [], []
-    for batch in batches:
+    per_prompt, weights_kls, int8_kls, continuation = [], [], [], []
+    for batch, (reference, tokens) in zip(batches, reference_runs):
         fastpath.set_exact(model, True)
-        exact, tokens = _greedy_logits(model, batch, image_token_id)
+        exact, _ = _greedy_logits(model, batch, image_token_id, tokens)
         fastpath.set_exact(model, False)
         int8, _ = _greedy_logits(model, batch, image_token_id, tokens)
+        weights_kl, _ = kl_and_top1(reference, exact)
         kl, agree = kl_and_top1(exact, int8)
         n = len(tokens)  # rows predicting the continuation: the prompt's last, then n - 1 steps
-        all_kl.append(kl)
+        weights_kls.append(weights_kl)
+        int8_kls.append(kl)
         continuation.append(agree[-n:])
-        per_prompt.append({"mean_kl": float(kl.mean()), "continuation_agreement": float(agree[-n:].mean())})
-    kl, agree = np.concatenate(all_kl), np.concatenate(continuation)
-    gate = {"kl_fraction_max": INT8_KL_FRACTION, "agreement_min": INT8_AGREEMENT,
+        per_prompt.append({"mean_kl": float(kl.mean()), "weights_kl": float(weights_kl.mean()),
+                           "continuation_agreement": float(agree[-n:].mean())})
+    kl, agree = np.concatenate(int8_kls), np.concatenate(continuation)
+    weights_kl = float(np.concatenate(weights_kls).mean())
+    gate = {"kl_fraction_max": INT8_KL_FRACTION, "agreement_min": INT8_AGREEMENT, "weights_kl": weights_kl,
             "kl_fraction": float(kl.mean()) / weights_kl if weights_kl > 0 else float("inf")}
     gate["passed"] = bool(gate["kl_fraction"] <= INT8_KL_FRACTION and agree.mean() >= INT8_AGREEMENT)
     return {"path": fastpath.info()["int8"], "positions": int(kl.size), "mean_kl": float(kl.mean()),
@@ -279,7 +292,8 @@ def format_report(report: dict) -> str:
     if a:
         g = a["gate"]
         lines.append(f"  int8 activations vs float ({a['path']} kernels): mean KL {a['mean_kl']:.3e} nats"
-                     f" = {100 * g['kl_fraction']:.2f}% of the weights' (gate <= {100 * g['kl_fraction_max']:.0f}%);"
+                     f" = {100 * g['kl_fraction']:.2f}% of the weights' {g['weights_kl']:.3e} at the same"
+                     f" {a['positions']} positions (gate <= {100 * g['kl_fraction_max']:.0f}%);"
                      f" greedy continuations agree on {100 * a['continuation_agreement']:.2f}% of"
                      f" {a['continuation_positions']} positions (gate >= {100 * g['agreement_min']:.0f}%):"
                      f" {'passed' if g['passed'] else 'FAILED'}")

@@ -233,7 +233,8 @@ def test_layer_too_narrow_for_int8_keeps_float():
     assert np.allclose(np.asarray(layer(x)), np.asarray(plain(x)), rtol=1e-5, atol=1e-5)
 
 
-def test_load_default_int8_and_exact(tiny_checkpoint, tmp_path):
+def test_load_default_exact_and_int8(tiny_checkpoint, tmp_path):
+    """Float32 activations unless asked (the gate failed on the trained demo model: README)."""
     from convert.mlx import convert
     from quantize.mlx import QuantConfig
 
@@ -241,8 +242,8 @@ def test_load_default_int8_and_exact(tiny_checkpoint, tmp_path):
 
     out = convert(tiny_checkpoint("llama").path, tmp_path / "q4", dtype="float16",
                   quantization=QuantConfig(bits=4, group_size=64), show_progress=False)
-    for exact in (False, True):
-        kwargs = {"exact": True} if exact else {}
+    for exact in (True, False):
+        kwargs = {} if exact else {"exact": False}
         model, _ = load(out, **kwargs)
         layers = {p: m for p, m in model.named_modules() if isinstance(m, fastpath.FastQuantizedLinear)}
         head = layers.pop("language_model.lm_head")
@@ -258,7 +259,7 @@ def test_eight_bit_layers_keep_float_by_default():
     mx.eval(layer.parameters())
     plain = nn.QuantizedLinear(256, 48, bias=False, group_size=64, bits=8)
     plain.update(layer.parameters())
-    assert fastpath.enable(layer) == 1 and not layer.exact and 8 not in fastpath.INT8_BITS
+    assert fastpath.enable(layer, exact=False) == 1 and not layer.exact and 8 not in fastpath.INT8_BITS
     x = mx.random.normal((2, 256))
     assert np.allclose(np.asarray(layer(x)), np.asarray(plain(x)), rtol=1e-5, atol=1e-5)
 
@@ -274,9 +275,10 @@ def test_quality_report_gate(tiny_checkpoint, tmp_path):
                   show_progress=False)
     report = quality_report(source, out)
     a, gate = report["int8_activations"], report["int8_activations"]["gate"]
-    assert a["path"] == fastpath.info()["int8"] and a["positions"] > a["continuation_positions"] == 5 * 32
-    assert 0 < a["mean_kl"] < report["mean_kl"]  # int8 activations cost far less than 4-bit weights
-    assert gate["kl_fraction"] == pytest.approx(a["mean_kl"] / report["mean_kl"])
+    assert a["path"] == fastpath.info()["int8"] and a["positions"] > a["continuation_positions"]
+    assert 5 <= a["continuation_positions"] <= 5 * 32  # each continuation ends at 32 tokens or an EOS
+    assert 0 < a["mean_kl"] < gate["weights_kl"]  # int8 activations cost far less than 4-bit weights
+    assert gate["kl_fraction"] == pytest.approx(a["mean_kl"] / gate["weights_kl"])
     assert gate["passed"] == (gate["kl_fraction"] <= INT8_KL_FRACTION and a["continuation_agreement"] >= INT8_AGREEMENT)
     assert "int8 activations vs float" in format_report(report)
     assert fastpath.INT8_BITS == (4,)

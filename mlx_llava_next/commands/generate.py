@@ -39,8 +39,8 @@ RepetitionOpt = Annotated[Optional[float], typer.Option("--repetition-penalty", 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed for reproducible sampling.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print speed and memory stats to stderr.")]
-ExactOpt = Annotated[bool, typer.Option(
-    "--exact", help="Keep float32 activations in 4-bit layers (results equal to MLX's; default on x86: int8 ones, faster).")]
+ExactOpt = Annotated[Optional[bool], typer.Option(
+    "--exact/--int8", help="4-bit layers on x86: float32 activations (the default; results equal to MLX's) or int8 ones (faster; see the README's gate).")]
 DistributedOpt = Annotated[Optional[str], typer.Option(
     "--distributed", help="Split the language model over the ranks of mlx.launch: tensor or pipeline (qwen2).")]
 KvCacheOpt = Annotated[str, typer.Option(
@@ -73,15 +73,15 @@ def resolve_path(name: str) -> Path:
         raise CheckpointError(f"{e} (--model also takes a local directory, e.g. --model ./llava-v1.6-mistral-7b-hf)") from None
 
 
-def load_model(name: str, exact: bool = False):
+def load_model(name: str, exact: Optional[bool] = None):
     from ..loading import load
 
     return load(resolve_path(name), exact=exact)
 
 
-def check_exact(exact: bool, distributed) -> None:
-    if exact and distributed is not None:
-        raise LlavaNextError("--exact is not available with --distributed (each rank loads its part with the default kernels)")
+def check_exact(exact: Optional[bool], distributed) -> None:
+    if exact is not None and distributed is not None:
+        raise LlavaNextError("--exact/--int8 are not available with --distributed (each rank loads its part with the default kernels)")
 
 
 def kv_cache_choice(kv_cache: str, distributed):
@@ -163,7 +163,7 @@ def generate_command(
     verbose: VerboseOpt = False,
     distributed: DistributedOpt = None,
     kv_cache: KvCacheOpt = "auto",
-    exact: ExactOpt = False,
+    exact: ExactOpt = None,
 ):
     """Answer one prompt about the images, streamed to stdout.
 
@@ -249,7 +249,7 @@ def chat_command(
     verbose: VerboseOpt = False,
     distributed: DistributedOpt = None,
     kv_cache: KvCacheOpt = "auto",
-    exact: ExactOpt = False,
+    exact: ExactOpt = None,
 ):
     """Chat about images: answers stream as they are generated; follow-ups reuse the cache.
 

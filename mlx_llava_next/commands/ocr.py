@@ -28,7 +28,7 @@ def ocr_command(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Override the OCR instruction.")] = None,
     max_tokens: MaxTokensOpt = 1024,
     distributed: DistributedOpt = None,
-    exact: ExactOpt = False,
+    exact: ExactOpt = None,
 ):
     """Transcribe images and PDFs: writes <name>.txt (or --format) beside each input (or into --out).
 

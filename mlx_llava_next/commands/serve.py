@@ -40,7 +40,7 @@ def serve_command(
     max_body_mb: int = typer.Option(64, "--max-body-mb", help="Largest request body (MiB); more gets 413."),
     fetch: bool = typer.Option(True, "--fetch/--no-fetch", help="Fetch http(s) image URLs (timeout and size cap apply)."),
     fetch_timeout: float = typer.Option(10.0, "--fetch-timeout", help="Seconds for one http(s) image fetch."),
-    exact: bool = typer.Option(False, "--exact", help="Keep float32 activations in 4-bit layers (results equal to MLX's; default on x86: int8 ones, faster)."),
+    exact: Optional[bool] = typer.Option(None, "--exact/--int8", help="4-bit layers on x86: float32 activations (the default; results equal to MLX's) or int8 ones (faster; see the README's gate)."),
 ):
     """Serve the model over the OpenAI chat-completions API, with a chat page at /.
 
