@@ -304,7 +304,10 @@ def table(result: dict) -> str:
             f"peak RSS target = 1.25 x (weights {lim['weights_bytes'] / 1e9:.2f} GB + KV cache)")
     if ours and not ours.get("error"):
         notes.append(f"prompt: {ours['prompt_tokens']} tokens ({ours['image_tokens']} image tokens, 672x672 image); "
-                     f"prefill in chunks of {ours['prefill_step']}; decode: {ours['decode_tokens']} tokens, greedy")
+                     f"prefill in chunks of {ours['prefill_step']}; decode: {ours['decode_tokens']} tokens, greedy; "
+                     f"KV cache {ours.get('kv_cache_dtype', 'float32')}"
+                     + (f" (decode step: native/kv.c, {ours['fastpath']['kv']} path)"
+                        if ours.get("kv_cache_dtype") and ours.get("fastpath", {}).get("kv") else ""))
     notes.append(f"machine: {m.get('cpu', '?')}, {m.get('cpus', '?')} CPUs, "
                  f"{(m.get('memory_bytes') or 0) / 2**30:.0f} GiB RAM, BLAS {m.get('blas')}"
                  + (f" ({m['blas_core']} kernels)" if m.get("blas_core") else "") + ", "

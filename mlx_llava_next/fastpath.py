@@ -91,13 +91,15 @@ def available() -> bool:
 
 
 def info() -> dict:
-    """{'available', 'simd', 'threads', 'cblas_sgemm', 'int8', 'int8_paths'} for `info` and the
+    """{'available', 'simd', 'threads', 'cblas_sgemm', 'int8', 'int8_paths', 'kv'} for `info` and the
     benchmark: 'simd' is the float kernels' path, 'int8' the int8-activation kernels' path in use
-    ('avx512vnni', 'avx2' or 'scalar') and 'int8_paths' those this CPU can run."""
+    ('avx512vnni', 'avx2' or 'scalar'), 'int8_paths' those this CPU can run and 'kv' the decode
+    step's (native/kv.c: 'avx512f', 'avx2+fma+f16c' or 'scalar')."""
     if native is None:
         return {"available": False}
     q8 = native.q8_info()
-    return {"available": available(), **native.info(), "int8": q8["isa"], "int8_paths": q8["available"]}
+    return {"available": available(), **native.info(), "int8": q8["isa"], "int8_paths": q8["available"],
+            "kv": native.kv_simd()[0]}
 
 
 _int8_path = None  # the int8 kernels' path in use (cached: asked on every product)

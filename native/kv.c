@@ -31,21 +31,28 @@
 #define KV_X86 0
 #endif
 
-static int kv_avx2 = -1; /* -1: not detected yet */
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static const char *ISA_NAMES[] = {"scalar", "avx2+fma+f16c", "avx512f"};
+static int kv_isa = -1; /* -1: not detected yet */
 
-static int avx2_supported(void) {
+/* the best path this CPU runs */
+static int best_isa(void) {
 #if KV_X86
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+        return ISA_SCALAR;
+    return __builtin_cpu_supports("avx512f") ? ISA_AVX512 : ISA_AVX2;
 #else
-    return 0;
+    return ISA_SCALAR;
 #endif
 }
 
-static int use_avx2(void) {
-    if (kv_avx2 < 0) kv_avx2 = avx2_supported();
-    return kv_avx2;
+static int isa(void) {
+    if (kv_isa < 0) kv_isa = best_isa();
+    return kv_isa;
 }
+
+static int use_avx2(void) { return isa() >= ISA_AVX2; }
 
 /* ---- scalar float16 <-> float32 (round to nearest even, as numpy and F16C) ---------------- */
 
@@ -306,9 +313,123 @@ KV_AVX2 static void decode_heads_avx2(const Decode *a, Py_ssize_t h0, Py_ssize_t
 }
 #endif
 
+#if KV_X86
+#define KV_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+/* e^x for 16 floats: kv_exp's polynomial */
+KV_AVX512 static inline __m512 kv_exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+KV_AVX512 static void softmax16(float *row, Py_ssize_t n) {
+    Py_ssize_t j = 0;
+    __m512 top16 = _mm512_set1_ps(-INFINITY);
+    for (; j + 16 <= n; j += 16) top16 = _mm512_max_ps(top16, _mm512_loadu_ps(row + j));
+    float top = _mm512_reduce_max_ps(top16);
+    for (; j < n; j++) top = row[j] > top ? row[j] : top;
+    __m512 shift = _mm512_set1_ps(top), sum16 = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= n; j += 16) {
+        __m512 e = kv_exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift));
+        _mm512_storeu_ps(row + j, e);
+        sum16 = _mm512_add_ps(sum16, e);
+    }
+    float total = _mm512_reduce_add_ps(sum16);
+    for (; j < n; j++) {
+        row[j] = expf(row[j] - top);
+        total += row[j];
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / total);
+    for (j = 0; j + 16 <= n; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), inv));
+    for (; j < n; j++) row[j] *= 1.0f / total;
+}
+
+KV_AVX512 static inline __m512 load16(const char *row, int half, Py_ssize_t i) {
+    if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i)));
+    return _mm512_loadu_ps((const float *)row + i);
+}
+
+/* AVX-512 decode heads (D a multiple of 64): per kv head, the G query heads' scores a cached key row
+   at a time (the row widened once), softmax, then the values VBLOCK rows at a time (float16 rows
+   widened once) with register accumulators per 64 columns. */
+KV_AVX512 static void decode_heads_avx512(const Decode *a, Py_ssize_t h0, Py_ssize_t h1) {
+    Py_ssize_t G = a->H / a->Hkv, L = a->L, D = a->D, esize = a->half ? 2 : 4;
+    float block[VBLOCK * VMAX_DIM];
+    for (Py_ssize_t h = h0; h < h1; h++) {
+        const char *k = a->k + h * a->cap * D * esize, *v = a->v + h * a->cap * D * esize;
+        float *p = a->scores + h * G * L, *out = a->out + h * G * D;
+        const float *q = a->q + h * G * D;
+        for (Py_ssize_t j = 0; j < L; j++) {
+            const char *row = k + j * D * esize;
+            for (Py_ssize_t g0 = 0; g0 < G; g0 += 4) {
+                Py_ssize_t gn = G - g0 < 4 ? G - g0 : 4;
+                __m512 s[4];
+                for (Py_ssize_t g = 0; g < 4; g++) s[g] = _mm512_setzero_ps();
+                for (Py_ssize_t i = 0; i < D; i += 16) {
+                    __m512 r = load16(row, a->half, i);
+                    for (Py_ssize_t g = 0; g < gn; g++)
+                        s[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (g0 + g) * D + i), r, s[g]);
+                }
+                for (Py_ssize_t g = 0; g < gn; g++) p[(g0 + g) * L + j] = _mm512_reduce_add_ps(s[g]) * a->scale;
+            }
+        }
+        for (Py_ssize_t g = 0; g < G; g++) softmax16(p + g * L, L);
+        memset(out, 0, sizeof(float) * G * D);
+        for (Py_ssize_t j0 = 0; j0 < L; j0 += VBLOCK) {
+            Py_ssize_t n = L - j0 < VBLOCK ? L - j0 : VBLOCK;
+            const float *rows;
+            if (a->half) {
+                for (Py_ssize_t j = 0; j < n; j++)
+                    for (Py_ssize_t i = 0; i < D; i += 16)
+                        _mm512_storeu_ps(block + j * D + i, load16(v + (j0 + j) * D * esize, 1, i));
+                rows = block;
+            } else {
+                rows = (const float *)(v + j0 * D * esize);
+            }
+            for (Py_ssize_t g = 0; g < G; g++) {
+                const float *w = p + g * L + j0;
+                float *o = out + g * D;
+                for (Py_ssize_t i = 0; i < D; i += 64) {
+                    __m512 s0 = _mm512_loadu_ps(o + i), s1 = _mm512_loadu_ps(o + i + 16);
+                    __m512 s2 = _mm512_loadu_ps(o + i + 32), s3 = _mm512_loadu_ps(o + i + 48);
+                    for (Py_ssize_t j = 0; j < n; j++) {
+                        const float *r = rows + j * D + i;
+                        __m512 wj = _mm512_set1_ps(w[j]);
+                        s0 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r), s0);
+                        s1 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 16), s1);
+                        s2 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 32), s2);
+                        s3 = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 48), s3);
+                    }
+                    _mm512_storeu_ps(o + i, s0);
+                    _mm512_storeu_ps(o + i + 16, s1);
+                    _mm512_storeu_ps(o + i + 32, s2);
+                    _mm512_storeu_ps(o + i + 48, s3);
+                }
+            }
+        }
+    }
+}
+#endif
+
 static void decode_task(void *arg, Py_ssize_t h0, Py_ssize_t h1) {
     const Decode *a = (const Decode *)arg;
 #if KV_X86
+    if (isa() == ISA_AVX512 && a->D % 64 == 0 && a->D <= VMAX_DIM) {
+        decode_heads_avx512(a, h0, h1);
+        return;
+    }
     if (use_avx2()) {
         decode_heads_avx2(a, h0, h1);
         return;
@@ -571,23 +692,41 @@ static PyObject *py_kv_load(PyObject *self, PyObject *args) {
     return copy_rows(oo, co, 0, -1, 0);
 }
 
-/* kv_set_simd(on): tests force the scalar path (False) or restore detection (True) */
+/* kv_set_simd(name or None): force a path ('scalar', 'avx2+fma+f16c', 'avx512f'; ValueError if this
+   CPU cannot run it) or, with None, the best one; returns the path in use */
 static PyObject *py_kv_set_simd(PyObject *self, PyObject *args) {
-    int on;
-    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
-    kv_avx2 = on ? avx2_supported() : 0;
-    Py_RETURN_NONE;
+    const char *name = NULL;
+    if (!PyArg_ParseTuple(args, "|z", &name)) return NULL;
+    int best = best_isa();
+    if (!name) {
+        kv_isa = best;
+    } else {
+        int want = -1;
+        for (int i = 0; i < 3; i++)
+            if (strcmp(name, ISA_NAMES[i]) == 0) want = i;
+        if (want < 0 || want > best) {
+            PyErr_Format(PyExc_ValueError, "kv path %s: this CPU runs %s at best", name, ISA_NAMES[best]);
+            return NULL;
+        }
+        kv_isa = want;
+    }
+    return PyUnicode_FromString(ISA_NAMES[kv_isa]);
 }
 
+/* kv_simd() -> (the path in use, [the paths this CPU runs]) */
 static PyObject *py_kv_simd(PyObject *self, PyObject *noargs) {
-    return PyUnicode_FromString(use_avx2() ? "avx2+fma+f16c" : "scalar");
+    int best = best_isa();
+    PyObject *paths = PyList_New(best + 1);
+    if (!paths) return NULL;
+    for (int i = 0; i <= best; i++) PyList_SET_ITEM(paths, i, PyUnicode_FromString(ISA_NAMES[i]));
+    return Py_BuildValue("(sN)", ISA_NAMES[isa()], paths);
 }
 
 PyMethodDef kv_methods[] = {
     {"kv_decode", py_kv_decode, METH_VARARGS, "one decode step: rope q and k, write k and v at pos, attend over rows [0, pos]"},
     {"kv_store", py_kv_store, METH_VARARGS, "float32 rows [1, Hkv, n, D] into cache rows [start, start + n)"},
     {"kv_load", py_kv_load, METH_VARARGS, "cache rows [0, n) into float32 [1, Hkv, n, D]"},
-    {"kv_set_simd", py_kv_set_simd, METH_VARARGS, "use AVX2/F16C when available (True) or the scalar path"},
-    {"kv_simd", py_kv_simd, METH_NOARGS, "which path the KV kernels run: 'avx2+fma+f16c' or 'scalar'"},
+    {"kv_set_simd", py_kv_set_simd, METH_VARARGS, "force a path of the KV kernels by name, or (None) the best"},
+    {"kv_simd", py_kv_simd, METH_NOARGS, "(the KV kernels' path in use, the paths this CPU runs)"},
     {NULL, NULL, 0, NULL},
 };
