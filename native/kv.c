@@ -11,7 +11,8 @@
  *
  * With a float32 cache the arithmetic is that of fastpath.c's `attend` after MLX's ReferenceRoPE
  * (same products and sums in the same order, -ffp-contract=off), so results equal the MLX-rope path
- * bit for bit. AVX2+FMA+F16C where the CPU has it (checked at run time), scalar C else.
+ * bit for bit on the AVX2 path. The decode attention has an AVX-512F path too (other summation
+ * order: rounding apart); the best path the CPU runs is chosen at run time, scalar C without AVX2.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
