@@ -282,3 +282,26 @@ def test_quality_report_gate(tiny_checkpoint, tmp_path):
     assert gate["passed"] == (gate["kl_fraction"] <= INT8_KL_FRACTION and a["continuation_agreement"] >= INT8_AGREEMENT)
     assert "int8 activations vs float" in format_report(report)
     assert fastpath.INT8_BITS == (4,)
+
+
+def test_int8_default_follows_the_gate_on_the_trained_demo_model(tmp_path):
+    """Decision (c): int8 activations are the default only if the quality report's gate holds on a
+    trained checkpoint. models/demo (4-bit, group 64) reading eight in-domain text lines: the gate's
+    verdict must be what fastpath.INT8_DEFAULT says (13% of the weights' KL, bar 10%, when written)."""
+    import sys as _sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    _sys.path.insert(0, str(root))
+    from convert.mlx import convert
+    from quantize.mlx import QuantConfig
+    from quantize.report import quality_report
+    from train.data import random_text, render_cells
+
+    out = convert(root / "models" / "demo", tmp_path / "q4", dtype="float16",
+                  quantization=QuantConfig(bits=4, group_size=64), show_progress=False)
+    rng = np.random.default_rng(7)
+    prompts = [(f"line-{i}", "Transcribe the text.", [render_cells(random_text(rng, 30, 12), rng).image])
+               for i in range(8)]
+    gate = quality_report(root / "models" / "demo", out, prompts=prompts)["int8_activations"]["gate"]
+    assert gate["passed"] == fastpath.INT8_DEFAULT, gate
