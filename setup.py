@@ -14,6 +14,7 @@ if sys.platform.startswith("linux"):
         Extension(
             "mlx_llava_next._fastpath",
             sources=["native/fastpath.c", "native/pool.c", "native/kv.c", "native/qint8.c"],
+            depends=["native/common.h", "native/pool.h", "native/qint8_body.h"],
             extra_compile_args=["-O3", "-pthread", "-ffp-contract=off", "-fvisibility=hidden"],
             extra_link_args=["-pthread"],
             libraries=["dl"],

@@ -42,46 +42,12 @@
 #endif
 
 #include "pool.h"
-
-enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+#include "common.h"
 
 /* ---------------------------------------------------------------------------------------- */
 /* scale/bias decoding                                                                      */
 
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: renormalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) {
-                man <<= 1;
-                exp--;
-            }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
-static inline float load_param(const void *p, int dtype, Py_ssize_t i) {
-    if (dtype == DT_F32) return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    if (dtype == DT_BF16) {
-        uint32_t bits = (uint32_t)h << 16;
-        float f;
-        memcpy(&f, &bits, 4);
-        return f;
-    }
-    return half_to_float(h);
-}
 
 /* One row's scales and biases as float32 (a row has at most K/32 groups). */
 static void row_params(const void *scales, const void *biases, int dtype, Py_ssize_t row,
@@ -153,19 +119,7 @@ static void qmv_rows_scalar(const Problem *p, Py_ssize_t n0, Py_ssize_t n1) {
 /* ---- AVX2 kernels ------------------------------------------------------------------------ */
 #if HAVE_X86
 
-AVX2_FN static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
-AVX2_FN static inline float hmax256(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* row_params with F16C/shift conversions: 8 scales at a time */
 AVX2_FN static void row_params_avx2(const void *scales, const void *biases, int dtype, Py_ssize_t row,
@@ -597,45 +551,7 @@ fail:
 
 #if HAVE_X86
 /* e^x for 8 floats: Cephes' expf (reduction by ln 2 in two parts, degree-5 polynomial). */
-AVX2_FN static inline __m256 exp256(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
 
-/* row[0:n] = softmax(row[0:n]), row[n:width] = 0 */
-AVX2_FN static void softmax_row_avx2(float *row, Py_ssize_t n, Py_ssize_t width) {
-    Py_ssize_t j = 0;
-    __m256 top8 = _mm256_set1_ps(-INFINITY);
-    for (; j + 8 <= n; j += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + j));
-    float top = hmax256(top8);
-    for (; j < n; j++) top = row[j] > top ? row[j] : top;
-    __m256 shift = _mm256_set1_ps(top), sum8 = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= n; j += 8) {
-        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
-        _mm256_storeu_ps(row + j, e);
-        sum8 = _mm256_add_ps(sum8, e);
-    }
-    float total = hsum256(sum8);
-    for (; j < n; j++) {
-        row[j] = expf(row[j] - top);
-        total += row[j];
-    }
-    __m256 inv = _mm256_set1_ps(1.0f / total);
-    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inv));
-    for (; j < n; j++) row[j] *= 1.0f / total;
-    memset(row + n, 0, sizeof(float) * (width - n));
-}
 #endif
 
 static void softmax_row(float *row, Py_ssize_t n, Py_ssize_t width) {

@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "pool.h"
+#include "common.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define KV_X86 1
@@ -57,28 +58,6 @@ static int use_avx2(void) { return isa() >= ISA_AVX2; }
 
 /* ---- scalar float16 <-> float32 (round to nearest even, as numpy and F16C) ---------------- */
 
-static float kv_half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) {
-                man <<= 1;
-                exp--;
-            }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 static uint16_t kv_float_to_half(float f) {
     uint32_t x;
@@ -112,7 +91,7 @@ typedef struct {
 } Decode;
 
 static inline float row_value(const char *row, int half, Py_ssize_t i) {
-    return half ? kv_half_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+    return half ? half_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
 static void softmax_scalar(float *row, Py_ssize_t n) {
@@ -152,59 +131,9 @@ static void decode_heads_scalar(const Decode *a, Py_ssize_t h0, Py_ssize_t h1) {
 }
 
 #if KV_X86
-KV_AVX2 static inline float kv_hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
-KV_AVX2 static inline float kv_hmax(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
-/* e^x for 8 floats: the polynomial of fastpath.c's exp256 (Cephes' expf) */
-KV_AVX2 static inline __m256 kv_exp(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
 
-/* softmax of row[0:n] in place, as fastpath.c's softmax_row_avx2 */
-KV_AVX2 static void softmax_avx2(float *row, Py_ssize_t n) {
-    Py_ssize_t j = 0;
-    __m256 top8 = _mm256_set1_ps(-INFINITY);
-    for (; j + 8 <= n; j += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + j));
-    float top = kv_hmax(top8);
-    for (; j < n; j++) top = row[j] > top ? row[j] : top;
-    __m256 shift = _mm256_set1_ps(top), sum8 = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= n; j += 8) {
-        __m256 e = kv_exp(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
-        _mm256_storeu_ps(row + j, e);
-        sum8 = _mm256_add_ps(sum8, e);
-    }
-    float total = kv_hsum(sum8);
-    for (; j < n; j++) {
-        row[j] = expf(row[j] - top);
-        total += row[j];
-    }
-    __m256 inv = _mm256_set1_ps(1.0f / total);
-    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(row + j, _mm256_mul_ps(_mm256_loadu_ps(row + j), inv));
-    for (; j < n; j++) row[j] *= 1.0f / total;
-}
 
 KV_AVX2 static inline __m256 load8(const char *row, int half, Py_ssize_t i) {
     if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)));
@@ -231,7 +160,7 @@ KV_AVX2 static void scores_avx2(const Decode *a, const char *krow, const float *
         }
         for (Py_ssize_t g = 0; g < gn; g++) {
             const float *qg = q + (g0 + g) * D;
-            float total = kv_hsum(_mm256_add_ps(s[g][0], s[g][1]));
+            float total = hsum256(_mm256_add_ps(s[g][0], s[g][1]));
             for (Py_ssize_t t = i; t < D; t++) total += qg[t] * row_value(krow, a->half, t);
             p[(g0 + g) * L + j] = total * a->scale;
         }
@@ -289,7 +218,7 @@ KV_AVX2 static void decode_heads_avx2(const Decode *a, Py_ssize_t h0, Py_ssize_t
         float *p = a->scores + h * G * L, *out = a->out + h * G * D;
         const float *q = a->q + h * G * D;
         for (Py_ssize_t j = 0; j < L; j++) scores_avx2(a, k + j * D * esize, q, G, p, j);
-        for (Py_ssize_t g = 0; g < G; g++) softmax_avx2(p + g * L, L);
+        for (Py_ssize_t g = 0; g < G; g++) softmax_row_avx2(p + g * L, L, L);
         memset(out, 0, sizeof(float) * G * D);
         if (a->half && D % 32 == 0 && D <= VMAX_DIM) { /* float32 rows: streaming them measured faster */
             values_blocked_avx2(a, v, p, out, G);
@@ -317,7 +246,7 @@ KV_AVX2 static void decode_heads_avx2(const Decode *a, Py_ssize_t h0, Py_ssize_t
 #if KV_X86
 #define KV_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 
-/* e^x for 16 floats: kv_exp's polynomial */
+/* e^x for 16 floats: exp256's polynomial (common.h) */
 KV_AVX512 static inline __m512 kv_exp16(__m512 x) {
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
     __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),

@@ -31,6 +31,7 @@
 #include <string.h>
 
 #include "pool.h"
+#include "common.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define Q8_X86 1
@@ -39,7 +40,6 @@
 #define Q8_X86 0
 #endif
 
-enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
 static const char *const isa_names[] = {"scalar", "avx2", "avx512vnni"};
 static int isa = -1; /* the path in use; -1 until first needed */
@@ -59,40 +59,7 @@ typedef struct {
 
 /* ---- scalar helpers -------------------------------------------------------------------------- */
 
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: renormalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) {
-                man <<= 1;
-                exp--;
-            }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
-static inline float load_param(const void *p, int dtype, Py_ssize_t i) {
-    if (dtype == DT_F32) return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    if (dtype == DT_BF16) {
-        uint32_t bits = (uint32_t)h << 16;
-        float f;
-        memcpy(&f, &bits, 4);
-        return f;
-    }
-    return half_to_float(h);
-}
 
 static void scalar_row_params(const Q8Problem *p, Py_ssize_t row, float *s, float *b) {
     const Py_ssize_t groups = p->K / p->group;
