@@ -42,7 +42,7 @@ def test_tiny_bench_json_smoke():
     assert ours["ttft_s"] >= ours["vision_s"] + ours["prefill_s"]
     limits = result["limits"]
     assert limits["bandwidth_bytes_per_s"] > 0 and limits["decode_tps"] > 0
-    assert limits["peak_rss_target_bytes"] == pytest.approx(1.25 * (limits["weights_bytes"] + limits["kv_cache_bytes"]))
+    assert limits["peak_rss_target_bytes"] == pytest.approx(1.15 * (limits["weights_bytes"] + limits["kv_cache_bytes"]))  # issue 18
 
 
 def test_built_model_is_quantized_like_a_converted_checkpoint(tiny_model):
