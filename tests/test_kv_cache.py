@@ -404,7 +404,8 @@ def test_quality_report_prints_the_float16_cache_figure(quantized_model):
     assert "float16 KV cache vs float32" in format_report(report)
 
 
-def test_cli_kv_cache_flag(quantized_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", ["generate", "ocr"])
+def test_cli_kv_cache_flag(quantized_model, tmp_path, monkeypatch, command):
     """--kv-cache float32|float16|auto reaches the caches generation makes; anything else is one
     error line naming the flag's values, before the model loads."""
     import sys
@@ -420,6 +421,13 @@ def test_cli_kv_cache_flag(quantized_model, tmp_path, monkeypatch):
     init = HostKVCache.__init__
     monkeypatch.setattr(HostKVCache, "__init__", lambda self, dtype="float16": made.append(dtype) or init(self, dtype))
     args = ["generate", "--model", str(path), "--prompt", "Hi", "--max-tokens", "3", "--json"]
+    if command == "ocr":
+        from PIL import Image, ImageDraw
+
+        page = Image.new("RGB", (160, 48), (250, 250, 250))
+        ImageDraw.Draw(page).text((8, 16), "Total 42", fill=(10, 10, 10))  # ink, or ocr skips it as blank
+        page.save(tmp_path / "page.png")
+        args = ["ocr", str(tmp_path / "page.png"), "--model", str(path), "--max-tokens", "3", "--out", "-"]
     for choice, expected in [("float32", "float32"), ("auto", "float16")]:
         made.clear()
         result = CliRunner().invoke(app, args + ["--kv-cache", choice])
@@ -429,3 +437,16 @@ def test_cli_kv_cache_flag(quantized_model, tmp_path, monkeypatch):
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: kv_cache must be one of auto, float16, float32"), lines
+
+
+def test_serve_kv_cache_flag_checked_before_loading():
+    """`serve --kv-cache` takes the same values; a bad one is one error line before the model loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "cli.py", "serve", "--model", "no-such-model", "--kv-cache", "int8"],
+                          cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == ["error: kv_cache must be one of auto, float16, float32, got 'int8'"]

@@ -8,7 +8,8 @@ import typer
 
 from ..errors import LlavaNextError, OutputError
 from .common import DEFAULT_MODEL, user_errors
-from .generate import (DistributedOpt, ExactOpt, MaxTokensOpt, ModelOpt, check_exact, line_reader, load_model,
+from .generate import (DistributedOpt, ExactOpt, KvCacheOpt, MaxTokensOpt, ModelOpt, check_exact, kv_cache_choice,
+                       line_reader, load_model,
                        resolve_model_arg)
 
 FORMATS = ("txt", "md", "json", "jsonl")  # documents.output.FORMATS (not imported: keeps --help fast)
@@ -29,6 +30,7 @@ def ocr_command(
     max_tokens: MaxTokensOpt = 1024,
     distributed: DistributedOpt = None,
     exact: ExactOpt = None,
+    kv_cache: KvCacheOpt = "auto",
 ):
     """Transcribe images and PDFs: writes <name>.txt (or --format) beside each input (or into --out).
 
@@ -43,6 +45,7 @@ def ocr_command(
 
         with user_errors():
             check_exact(exact, distributed)
+            kv_cache_choice(kv_cache, distributed)
             plain = dict(fmt="txt", pages=None, dpi=None, layout="auto", recursive=False)
             given = {"fmt": fmt, "pages": pages, "dpi": dpi, "layout": layout, "recursive": recursive}
             extra = [k for k, v in given.items() if v != plain[k]] + [str(p) for p in paths if p.suffix.lower() == ".pdf"]
@@ -58,6 +61,7 @@ def ocr_command(
         from ..outputs import check_parent, write_errors
 
         Sampling.from_kwargs(max_tokens=max_tokens)
+        kv = kv_cache_choice(kv_cache, None)
         if fmt not in FORMATS:
             raise LlavaNextError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
         settings.check()
@@ -69,6 +73,7 @@ def ocr_command(
     if jobs:
         with user_errors():
             m, processor = load_model(model, exact)
+            m.kv_cache = kv  # None: kv_cache.py's default policy
             reader = line_reader(model)
             if out is not None and not to_stdout:
                 with write_errors(out):

@@ -40,19 +40,22 @@ def serve_command(
     max_body_mb: int = typer.Option(64, "--max-body-mb", help="Largest request body (MiB); more gets 413."),
     fetch: bool = typer.Option(True, "--fetch/--no-fetch", help="Fetch http(s) image URLs (timeout and size cap apply)."),
     fetch_timeout: float = typer.Option(10.0, "--fetch-timeout", help="Seconds for one http(s) image fetch."),
+    kv_cache: str = typer.Option("auto", "--kv-cache", help="KV-cache dtype: auto (float16 for quantized models on the x86 fast path), float16 or float32."),
     exact: Optional[bool] = typer.Option(None, "--exact/--int8", help="4-bit layers on x86: float32 activations (the default; results equal to MLX's) or int8 ones (faster; see the README's gate)."),
 ):
     """Serve the model over the OpenAI chat-completions API, with a chat page at /.
 
     Example: python cli.py serve --model llava-hf/llava-v1.6-mistral-7b-hf --port 8080
     """
-    from .generate import line_reader, load_model, resolve_model_arg
+    from .generate import kv_cache_choice, line_reader, load_model, resolve_model_arg
 
     if media_dir is not None and not media_dir.is_dir():
         fail(f"--media-dir {media_dir}: not a directory")
     with user_errors():
+        kv = kv_cache_choice(kv_cache, None)
         typer.echo(f"loading {model} ...", err=True)
         m, processor = load_model(model, exact)
+        m.kv_cache = kv  # None: kv_cache.py's default policy
         reader, model_path = line_reader(model), str(resolve_model_arg(model))  # for POST /v1/ocr, as cli.py ocr
     try:
         server = start_server(m, processor, model, host=host, port=port, api_key=api_key, media_dir=media_dir,
