@@ -1,6 +1,6 @@
 /*
  * Helpers every kernel file shares: half-precision decoding, loading a scale or bias of any of
- * MLX's float dtypes, and (x86) AVX2 horizontal reductions, a vector exp (Cephes' expf
+ * MLX's float dtypes, checked Python buffers, and (x86) AVX2 horizontal reductions, a vector exp (Cephes' expf
  * polynomial) and a softmax. Static inline: each file compiles its own copy.
  */
 #ifndef MLX_LLAVA_NEXT_COMMON_H
@@ -47,6 +47,27 @@ static inline float load_param(const void *p, int dtype, Py_ssize_t i) {
         return f;
     }
     return half_to_float(h);
+}
+
+/* A held buffer of a Python object (C-contiguous), checked for its size in bytes. */
+typedef struct {
+    Py_buffer view;
+    int held;
+} Buf;
+
+static inline int get_buf(PyObject *obj, Buf *b, int writable, Py_ssize_t expect_bytes, const char *name) {
+    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
+    b->held = 1;
+    if (b->view.len != expect_bytes) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd bytes, got %zd", name, expect_bytes, b->view.len);
+        return -1;
+    }
+    return 0;
+}
+
+static inline void release(Buf *bufs, int n) {
+    for (int i = 0; i < n; i++)
+        if (bufs[i].held) PyBuffer_Release(&bufs[i].view);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -278,25 +278,6 @@ static void qgemm_task(void *arg, Py_ssize_t u0, Py_ssize_t u1) {
 
 /* ---- argument handling -------------------------------------------------------------------------- */
 
-typedef struct {
-    Py_buffer view;
-    int held;
-} Buf;
-
-static int get_buf(PyObject *obj, Buf *b, int writable, Py_ssize_t expect_bytes, const char *name) {
-    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
-    b->held = 1;
-    if (b->view.len != expect_bytes) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %zd bytes, got %zd", name, expect_bytes, b->view.len);
-        return -1;
-    }
-    return 0;
-}
-
-static void release(Buf *bufs, int n) {
-    for (int i = 0; i < n; i++)
-        if (bufs[i].held) PyBuffer_Release(&bufs[i].view);
-}
 
 static int check_args(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, int bits, int group, int dtype) {
     if (bits != 4 && bits != 8) {
