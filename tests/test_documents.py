@@ -149,6 +149,26 @@ def cli(*args, **kw):
                             stderr=subprocess.PIPE, **kw)
 
 
+def test_ctrl_c_inside_a_pdfium_call_is_a_keyboard_interrupt(four_pages, monkeypatch):
+    """pypdfium2 objects reach ctypes through a Python property; Ctrl-C landing there comes out of
+    ctypes as ArgumentError (seen in CI: a traceback instead of the resume message). Rendering and
+    counting pages must give it back as KeyboardInterrupt."""
+    from pypdfium2.internal import bases
+
+    [src] = sources.expand([four_pages])
+
+    def ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bases.AutoCastable, "_as_parameter_", property(ctrl_c))
+    with pytest.raises(KeyboardInterrupt):
+        src.render(1, 100)
+    with pytest.raises(KeyboardInterrupt):
+        sources.expand([four_pages])
+    monkeypatch.undo()
+    src.close()
+
+
 @pytest.mark.slow  # two CLI subprocesses: 47-94 s measured on this 2-core machine while training ran
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_resume_after_kill_9_or_ctrl_c(tiny, tmp_path, sig):

@@ -1,6 +1,8 @@
 """Inputs for document OCR: image files, folders and PDFs expanded into sources, page ranges, PDF rasterisation."""
 
+import ctypes
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
@@ -16,6 +18,20 @@ DPI_RANGE = (150, 300)  # below 150 dpi scans lose strokes; above 300 only costs
 
 class DocumentError(LlavaNextError, ValueError):
     """A document (PDF) cannot be read: broken, truncated, encrypted, no pages, or a bad page range."""
+
+
+@contextmanager
+def ctrl_c_kept():
+    """Ctrl-C that lands while ctypes converts a PDFium call's arguments (pypdfium2 objects pass
+    themselves through a Python property) comes out of ctypes as ArgumentError("argument 1:
+    KeyboardInterrupt: "): give it back as the KeyboardInterrupt it was, so an interrupted run
+    stops as any other does."""
+    try:
+        yield
+    except ctypes.ArgumentError as e:
+        if "KeyboardInterrupt" in str(e):
+            raise KeyboardInterrupt from None
+        raise
 
 
 def parse_pages(spec: Optional[str]) -> Optional[List[Tuple[int, Optional[int]]]]:
@@ -79,7 +95,8 @@ class Source:
             from ..image_processing import load_image
 
             return load_image(str(self.path))
-        return _render_pdf_page(self._document(), page, dpi, str(self.path))
+        with ctrl_c_kept():
+            return _render_pdf_page(self._document(), page, dpi, str(self.path))
 
     def _document(self):
         if self._pdf is None:
@@ -88,7 +105,8 @@ class Source:
 
     def close(self) -> None:
         if self._pdf is not None:
-            self._pdf.close()
+            with ctrl_c_kept():
+                self._pdf.close()
             self._pdf = None
 
 
@@ -185,11 +203,12 @@ def expand(paths: Iterable[Path], recursive: bool = False, pages: Optional[str] 
     for f, folder in files:
         if f.suffix.lower() in PDF_SUFFIXES:
             try:
-                pdf = _open_pdf(f)
-                try:
-                    count = len(pdf)
-                finally:
-                    pdf.close()
+                with ctrl_c_kept():
+                    pdf = _open_pdf(f)
+                    try:
+                        count = len(pdf)
+                    finally:
+                        pdf.close()
                 sources.append(Source(f, "pdf", select_pages(ranges, count, str(f)), count, folder))
             except LlavaNextError as e:
                 errors.append(str(e) if str(e).startswith((f.name, str(f))) else f"{f}: {e}")
