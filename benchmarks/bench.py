@@ -321,9 +321,9 @@ def table(result: dict) -> str:
         simd = fast.get("simd")
         if simd and fast.get("int8") and not ours.get("exact") and ours.get("bits") == 4:  # fastpath.INT8_BITS
             simd = (f"int8-activation {fast['int8']} path (this CPU runs {', '.join(fast['int8_paths'])}); "
-                    f"float kernels (vision tower; --exact, the default): {simd}")
+                    f"float kernels (vision tower, LM head; all layers with --exact): {simd}")
         elif simd:
-            simd = f"{simd} path" + (" (float32 activations: --exact, the default)" if ours.get("exact") else "")
+            simd = f"{simd} path" + (" (float32 activations: --exact)" if ours.get("exact") else "")
         notes.append(f"CPU flags: {' '.join(m['cpu_flags']) or 'none of ' + ' '.join(SIMD_FLAGS)}"
                      + (f"; our kernels ran their {simd}" if simd else ""))
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])

@@ -257,7 +257,9 @@ def load(path_or_repo, mode: str = "tensor", dtype: Optional[mx.Dtype] = None, r
     for _, value in tree_flatten(model.parameters()):
         mx.eval(value)
     model.eval()
-    fastpath.auto_enable(model)  # after the split: the sharded layers keep MLX's kernels
+    # After the split: the sharded layers keep MLX's kernels, whose activations are float32, and the
+    # rest does the same (exact) so a split model computes what one process does with --exact.
+    fastpath.auto_enable(model, exact=True)
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world, stream=mx.cpu))  # every rank loaded
     processor = Processor.from_pretrained(path, model.config, load_tokenizer(path, raw_config))
     return model, processor

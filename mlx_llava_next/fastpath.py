@@ -11,15 +11,16 @@ native kernels in `native/fastpath.c` (built at install time, see setup.py):
   process's BLAS (`cblas_sgemm`, OpenBLAS via blas.py), so a layer's float32 copy never
   exceeds one tile of about 32 MB.
 
-With int8 activations (`exact=False`: `load(..., exact=False)`, `--int8` on the CLI, `set_exact`;
-4-bit layers whose input width is a multiple of 64, on a CPU with AVX2 or AVX-512 VNNI; not the
-LM head) the activations are quantized to int8 per group instead, as llama.cpp's Q8_0
+On a CPU with AVX2 or AVX-512 VNNI, 4-bit layers whose input width is a multiple of 64 (not the
+LM head) quantize their activations to int8 per group by default, as llama.cpp's Q8_0/Q8_1
 activations are, and the products run on the integer kernels of `native/qint8.c` (vpdpbusd /
-vpmaddubsw, chosen at run time): about 2x the float kernels' speed in decode and in prefill.
-Its cost in accuracy is the quality report's gate (quantize/report.py, figures in the README).
-The gate failed on the one trained checkpoint we have (models/demo, 4-bit: int8's KL 13% of the
-weights' own, the bar 10%), so float32 activations stay the default (INT8_DEFAULT): products
-equal to `mx.quantized_matmul` to float rounding. 8-bit layers always keep float32 (INT8_BITS).
+vpmaddubsw, chosen at run time): about 1.5-2x the float kernels' speed in decode and in prefill.
+That default (INT8_DEFAULT) is decision (c) of issue 18: the quality report's gate
+(quantize/report.py, figures in the README) holds on the trained demo model (int8's KL 2% of the
+4-bit weights' own, the bar 10%). `exact=True` (`load(..., exact=True)`, `--exact` on the CLI,
+`set_exact`) keeps float32 activations: products equal to `mx.quantized_matmul` to float
+rounding (parity runs use it). 8-bit layers and 4-bit ones in groups of 128 always keep float32
+(INT8_BITS, INT8_GROUPS): the gate did not hold for them.
 
 Decoding also reads the whole KV cache once a token, and MLX's CPU attention for one query
 runs unfused at a tenth of memory speed (2,900 cached tokens: 30 ms a layer). `enable` also
@@ -71,17 +72,19 @@ SMALL_M = 16
 DTYPE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 HEAD_NAMES = ("lm_head",)
 HEAD_EXACT = True  # the LM head keeps float32 activations (its rounding goes straight into the logits)
-# Weight widths whose layers take int8 activations by default: the quality report's gate
-# (quantize/report.py) held the KL of int8 activations to 0.2-1.2% of 4-bit weights' own on the
-# tiny test models, but to 50-310% of 8-bit weights' (README), so 8-bit layers keep float32.
+# Weight formats whose layers take int8 activations: on the trained demo model the quality report's
+# gate (quantize/report.py, README) held for 4-bit weights in groups of 32 and 64 (int8's KL 1-4% of
+# the weights' own, every continuation token kept) but not for groups of 128 (one of 7 tokens
+# changed) nor for 8-bit weights (int8's KL 6-22x theirs), which keep float32 activations.
 INT8_BITS = (4,)
+INT8_GROUPS = (32, 64)
 # int8 activations by default (exact=None)? Decision (c) of issue 18: only if the quality report's
-# gate holds; on the trained demo model it did not (README), so not.
-INT8_DEFAULT = False
+# gate holds; it does on the trained demo model (README; tests/test_int8_kernels.py re-checks it).
+INT8_DEFAULT = True
 
 
 def resolve_exact(exact: Optional[bool]) -> bool:
-    """exact=None (no choice made) -> the default: float32 activations unless INT8_DEFAULT."""
+    """exact=None (no choice made) -> the default: int8 activations where they run if INT8_DEFAULT."""
     return (not INT8_DEFAULT) if exact is None else bool(exact)
 
 
@@ -114,11 +117,12 @@ def set_int8_path(name=None) -> str:
     return _int8_path
 
 
-def int8_supported(in_features: int, bits: int = 4) -> bool:
-    """Whether a layer of this input width and weight width takes int8 activations on this CPU
-    (bits in INT8_BITS, a SIMD path, K a multiple of 64); elsewhere the float kernels run."""
+def int8_supported(in_features: int, bits: int = 4, group_size: int = 64) -> bool:
+    """Whether a layer of this input width and weight format takes int8 activations on this CPU
+    (bits in INT8_BITS, group_size in INT8_GROUPS, a SIMD path, K a multiple of 64); elsewhere the
+    float kernels run."""
     path = _int8_path or set_int8_path(native.q8_info()["isa"])
-    return bits in INT8_BITS and in_features % 64 == 0 and path != "scalar"
+    return bits in INT8_BITS and group_size in INT8_GROUPS and in_features % 64 == 0 and path != "scalar"
 
 
 def host(a: mx.array) -> np.ndarray:
@@ -156,7 +160,7 @@ def quantized_matmul(x: np.ndarray, weights: _HostWeights, out_features: int, bi
     M, K = x.shape
     out = np.empty((M, out_features), dtype=np.float32)
     w, s, b = weights.views
-    if not exact and int8_supported(K, bits):
+    if not exact and int8_supported(K, bits, group_size):
         kernel = native.q8_qmv if M <= SMALL_M else native.q8_qgemm
     else:
         kernel = native.qmv if M <= SMALL_M or not sgemm_available() else native.qgemm
@@ -219,7 +223,7 @@ class FastQuantizedLinear(nn.QuantizedLinear):
         M = x.size // K if K else 0
         if x.dtype != mx.float32 or M == 0 or not supports(self) or mx.default_device() != mx.cpu:
             return super().__call__(x)
-        int8 = not self.exact and int8_supported(K, self.bits)
+        int8 = not self.exact and int8_supported(K, self.bits, self.group_size)
         if M > SMALL_M and (self.lazy_many_rows or not (int8 or sgemm_available())):
             # float32 weights whatever the scales' dtype: half-precision weights would round the product
             scales, biases = self["scales"].astype(mx.float32), self["biases"].astype(mx.float32)

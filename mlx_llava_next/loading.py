@@ -266,7 +266,7 @@ def load(path_or_repo, dtype: Optional[mx.Dtype] = None, revision: Optional[str]
     auto is float16 for quantized models on the CPU fast path, else mlx-lm's cache (kv_cache.py).
     exact: on the CPU fast path, quantized layers take float32 activations (True; products equal
     to mx.quantized_matmul to rounding) or int8 ones (False: faster, see fastpath.py); None: the
-    default, float32 (fastpath.INT8_DEFAULT)."""
+    default, int8 for 4-bit layers where the int8 kernels run (fastpath.INT8_DEFAULT)."""
     from .kv_cache import check_choice, use_kv_cache
 
     kv_cache = check_choice(kv_cache)

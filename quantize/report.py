@@ -232,17 +232,19 @@ def int8_effect(model, batches, image_token_id: int, reference_runs) -> Optional
     difference does not decide every later position). The gate: int8's KL <= INT8_KL_FRACTION of the
     weights', and the float and int8 runs' top-1 agree on >= INT8_AGREEMENT of the continuation's
     positions. None where the int8 kernels do not run (no fast path, other CPUs). Measured for every
-    weight width, including those (fastpath.INT8_BITS) that do not take int8 by default."""
+    weight format the kernels run, including those that keep float activations (fastpath.INT8_BITS,
+    INT8_GROUPS)."""
     from mlx_llava_next import fastpath
 
     layers = [m for _, m in model.named_modules() if isinstance(m, fastpath.FastQuantizedLinear)]
-    if not layers or not any(fastpath.int8_supported(m["weight"].shape[1] * 32 // m.bits) for m in layers):
-        return None
-    default_bits, fastpath.INT8_BITS = fastpath.INT8_BITS, (4, 8)
+    formats = fastpath.INT8_BITS, fastpath.INT8_GROUPS
+    fastpath.INT8_BITS, fastpath.INT8_GROUPS = (4, 8), (32, 64, 128)  # what the kernels can run
     try:
+        if not any(fastpath.int8_supported(m["weight"].shape[1] * 32 // m.bits, m.bits, m.group_size) for m in layers):
+            return None
         return _int8_effect(model, batches, image_token_id, reference_runs)
     finally:
-        fastpath.INT8_BITS = default_bits
+        fastpath.INT8_BITS, fastpath.INT8_GROUPS = formats
         fastpath.set_exact(model, False)  # as load() leaves it
 
 

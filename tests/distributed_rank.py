@@ -30,7 +30,8 @@ def run(path: str, mode: str) -> dict:
     gc.collect()  # the previous job's model is gone before this one's peak is measured
     mx.clear_cache()
     mx.reset_peak_memory()
-    model, processor = load(path, distributed=None if mode == "none" else mode)
+    # one process with --exact: what a split model computes (float32 activations throughout)
+    model, processor = load(path, distributed=mode) if mode != "none" else load(path, exact=True)
     peak_after_load = mx.get_peak_memory()
     if only == "load":
         return {"rank": mx.distributed.init().rank(), "peak_after_load": peak_after_load}

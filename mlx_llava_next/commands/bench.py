@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         ),
         workdir: Optional[str] = typer.Option(None, "--workdir", help="Where the temporary GGUF goes (default: the temp dir)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
-        exact: Optional[bool] = typer.Option(None, "--exact/--int8", help="Our 4-bit layers with float32 activations (the default) or int8 ones."),
+        exact: Optional[bool] = typer.Option(None, "--exact/--int8", help="Our 4-bit layers with float32 activations or int8 ones (the default, as in generate)."),
     ):
         """Build a model of a released checkpoint's shape with random weights and time image -> answer."""
         from benchmarks.bench import json_summary, run, table

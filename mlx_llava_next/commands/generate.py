@@ -40,7 +40,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed for 
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print speed and memory stats to stderr.")]
 ExactOpt = Annotated[Optional[bool], typer.Option(
-    "--exact/--int8", help="4-bit layers on x86: float32 activations (the default; results equal to MLX's) or int8 ones (faster; see the README's gate).")]
+    "--exact/--int8", help="4-bit layers on x86: float32 activations (results equal to MLX's) or int8 ones (the default: faster, within the README's quality gate).")]
 DistributedOpt = Annotated[Optional[str], typer.Option(
     "--distributed", help="Split the language model over the ranks of mlx.launch: tensor or pipeline (qwen2).")]
 KvCacheOpt = Annotated[str, typer.Option(
@@ -81,7 +81,7 @@ def load_model(name: str, exact: Optional[bool] = None):
 
 def check_exact(exact: Optional[bool], distributed) -> None:
     if exact is not None and distributed is not None:
-        raise LlavaNextError("--exact/--int8 are not available with --distributed (each rank loads its part with the default kernels)")
+        raise LlavaNextError("--exact/--int8 are not available with --distributed (a split model always runs float32 activations: MLX's kernels for the sharded layers, --exact's for the rest)")
 
 
 def kv_cache_choice(kv_cache: str, distributed):

@@ -41,7 +41,7 @@ def serve_command(
     fetch: bool = typer.Option(True, "--fetch/--no-fetch", help="Fetch http(s) image URLs (timeout and size cap apply)."),
     fetch_timeout: float = typer.Option(10.0, "--fetch-timeout", help="Seconds for one http(s) image fetch."),
     kv_cache: str = typer.Option("auto", "--kv-cache", help="KV-cache dtype: auto (float16 for quantized models on the x86 fast path), float16 or float32."),
-    exact: Optional[bool] = typer.Option(None, "--exact/--int8", help="4-bit layers on x86: float32 activations (the default; results equal to MLX's) or int8 ones (faster; see the README's gate)."),
+    exact: Optional[bool] = typer.Option(None, "--exact/--int8", help="4-bit layers on x86: float32 activations (results equal to MLX's) or int8 ones (the default: faster, within the README's quality gate)."),
 ):
     """Serve the model over the OpenAI chat-completions API, with a chat page at /.
 
