@@ -245,7 +245,7 @@ def int8_effect(model, batches, image_token_id: int, reference_runs) -> Optional
         return _int8_effect(model, batches, image_token_id, reference_runs)
     finally:
         fastpath.INT8_BITS, fastpath.INT8_GROUPS = formats
-        fastpath.set_exact(model, False)  # as load() leaves it
+        fastpath.set_exact(model, fastpath.resolve_exact(None))  # as load() leaves it
 
 
 def _int8_effect(model, batches, image_token_id: int, reference_runs) -> dict:

@@ -146,6 +146,23 @@ def test_deepcopy_is_independent():
     assert c.keys[:, :, :3].any() and d.offset == 3
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_state_is_the_cache_memory_and_keeps_its_rows(dtype):
+    """mlx-lm's prompt loop evaluates every cache's state after each chunk: ours hands back slices of
+    its own buffers (no copy of the cache), whose rows later updates leave as they were."""
+    rng = np.random.default_rng(8)
+    c = HostKVCache(dtype)
+    c.update_and_fetch(_rows(rng, 5), _rows(rng, 5))
+    keys, values, offset = c.state
+    mx.eval(keys, values)
+    assert offset == 5 and keys.shape[2] == 5
+    assert np.shares_memory(np.asarray(keys), c.keys) and np.shares_memory(np.asarray(values), c.values)
+    before = np.array(keys), np.array(values)
+    c.update_and_fetch(_rows(rng, 7), _rows(rng, 7))  # room for 12 rows: no new buffer
+    assert np.array_equal(np.asarray(keys), before[0]) and np.array_equal(np.asarray(values), before[1])
+    assert np.array_equal(np.asarray(c.state[0])[:, :, :5], before[0])
+
+
 # -- the native step against float64 --------------------------------------------------------
 
 # (query heads, kv heads, head dim) of the released models' language models
