@@ -166,12 +166,15 @@ static float scalar_dot(const Q8Problem *p, Py_ssize_t m, Py_ssize_t n) {
         acc_;                                                            \
     })
 #define DOT8(acc, u, s) DOT(acc, u, s)
+/* acc += w (u8) by the 4 s8 bytes at p, broadcast to all 16 lanes from memory ({1to16}) */
+#define DOTZ(acc, w, p) __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)(p)))
 #define MR 8
 #include "qint8_body.h"
 #undef SFX
 #undef TARGET
 #undef DOT
 #undef DOT8
+#undef DOTZ
 #undef MR
 
 #endif /* Q8_X86 */

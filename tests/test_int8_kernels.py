@@ -181,7 +181,7 @@ def test_model_shapes(path, case):
     rows = min(n, 48 if path != "scalar" else 24)  # 48: a partial 64-row block
     w, s, b = random_weights(rows, k, bits, group, dtype, seed=case)
     rng = np.random.default_rng(case)
-    ms = (1, 2, 5, 16, 17, 300) if path != "scalar" else (1, 2, 17)
+    ms = (1, 2, 5, 13, 16, 17, 23, 300) if path != "scalar" else (1, 2, 17)  # GEMM remainders (of 8 rows) 0, 1, 2, 4, 5, 7
     x = rng.standard_normal((max(ms), k)).astype(np.float32)
     for m in ms:
         check(x[:m], w, s, b, bits, group, against_mlx=m <= 17, integer_dots=False)
