@@ -177,6 +177,43 @@ static float scalar_dot(const Q8Problem *p, Py_ssize_t m, Py_ssize_t n) {
 #undef DOTZ
 #undef MR
 
+/* quantize_row on 8 lanes, bit for bit: the same max, d = max / 127, x / d rounded to nearest
+ * even (vdivps, vroundps), the integer sum; about 10x the scalar loop, which cost a 7B decode step
+ * some 7 ms (seven quantizations a layer, one thread). */
+__attribute__((target("avx2,fma"))) static void quantize_row_avx2(const float *x, int8_t *q, float *d, float *sum,
+                                                                  Py_ssize_t K, int group) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), top = _mm256_set1_ps(127.0f), bottom = _mm256_set1_ps(-127.0f);
+    for (Py_ssize_t g = 0; g < K / group; g++) {
+        const float *xg = x + g * group;
+        int8_t *qg = q + g * group;
+        __m256 amax = _mm256_setzero_ps();
+        for (int k = 0; k < group; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + k)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float dg = _mm_cvtss_f32(m4) / 127.0f;
+        d[g] = dg;
+        if (!(dg > 0.0f)) { /* an all-zero group */
+            memset(qg, 0, group);
+            sum[g] = 0.0f;
+            continue;
+        }
+        const __m256 dv = _mm256_set1_ps(dg);
+        __m256i total = _mm256_setzero_si256();
+        for (int k = 0; k < group; k += 8) {
+            __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xg + k), dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, bottom), top));
+            total = _mm256_add_epi32(total, i);
+            __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+            _mm_storel_epi64((__m128i *)(qg + k), _mm_packs_epi16(w16, w16));
+        }
+        __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+        sum[g] = dg * (float)_mm_cvtsi128_si32(t4);
+    }
+}
+
 #endif /* Q8_X86 */
 
 static int isa_supported(int which) {
@@ -211,7 +248,12 @@ static void quantize_task(void *arg, Py_ssize_t m0, Py_ssize_t m1) {
     const QuantTask *t = (const QuantTask *)arg;
     Py_ssize_t groups = t->K / t->group;
     for (Py_ssize_t m = m0; m < m1; m++) {
-        quantize_row(t->x + m * t->K, t->q + m * t->K, t->d + m * groups, t->sum + m * groups, t->K, t->group);
+#if Q8_X86
+        if (current_isa() != ISA_SCALAR)
+            quantize_row_avx2(t->x + m * t->K, t->q + m * t->K, t->d + m * groups, t->sum + m * groups, t->K, t->group);
+        else
+#endif
+            quantize_row(t->x + m * t->K, t->q + m * t->K, t->d + m * groups, t->sum + m * groups, t->K, t->group);
         if (t->permute) permute64(t->q + m * t->K, t->K);
     }
 }

@@ -131,7 +131,8 @@ def check(x, w, s, b, bits, group, against_mlx=True, integer_dots=True):
 # -- the activation quantization ---------------------------------------------------------------------
 
 
-def test_quantize_equals_numpy_bit_for_bit():
+def test_quantize_equals_numpy_bit_for_bit(path):
+    """On each path: scalar C on the scalar one, 8-lane AVX2 code on the others."""
     rng = np.random.default_rng(0)
     for group in (32, 64, 128):
         x = (rng.standard_normal((9, 512)) * rng.choice([1e-3, 1.0, 50.0], (9, 1))).astype(np.float32)
