@@ -154,11 +154,12 @@ class _HostWeights:
 
 
 def quantized_matmul(x: np.ndarray, weights: _HostWeights, out_features: int, bits: int, group_size: int,
-                     exact: bool = True) -> np.ndarray:
-    """x [M, K] float32 (C order) @ W^T -> [M, N] float32 with the native kernels; exact=False:
-    x quantized to int8 per group (native/qint8.c) where `int8_supported`."""
+                     exact: bool = True, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """x [M, K] float32 (C order) @ W^T -> [M, N] float32 (into `out` if given) with the native
+    kernels; exact=False: x quantized to int8 per group (native/qint8.c) where `int8_supported`."""
     M, K = x.shape
-    out = np.empty((M, out_features), dtype=np.float32)
+    if out is None:
+        out = np.empty((M, out_features), dtype=np.float32)
     w, s, b = weights.views
     if not exact and int8_supported(K, bits, group_size):
         kernel = native.q8_qmv if M <= SMALL_M else native.q8_qgemm
@@ -197,6 +198,28 @@ def evaluated(*arrays) -> bool:
     return True
 
 
+# Eager results at least this large are written straight into an MLX array through its host view,
+# not into numpy and then copied (mx.array): in a 2,048-token chunk's MLP that copy held a fourth
+# 117 MB array beside the three the MLP needs, at the prompt's peak memory.
+DIRECT_OUT_BYTES = 1 << 24
+
+
+def output(shape):
+    """(host, array): a float32 buffer for a kernel to write into, and the MLX array that is its
+    result (None for small results, returned by `result` as a copy: no MLX evaluation to wait
+    for, which a decode step's many small calls would each pay)."""
+    if 4 * int(np.prod(shape)) < DIRECT_OUT_BYTES:
+        return np.empty(shape, np.float32), None
+    array = mx.zeros(shape, mx.float32)
+    mx.eval(array)
+    return np.asarray(array), array  # zero-copy, writable: the array's own memory
+
+
+def result(host: np.ndarray, array) -> mx.array:
+    """What `output` gave, filled, as an MLX array."""
+    return mx.array(host) if array is None else array
+
+
 class FastQuantizedLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear` computed by the native kernels (same parameters, same results)."""
 
@@ -211,9 +234,10 @@ class FastQuantizedLinear(nn.QuantizedLinear):
             object.__setattr__(self, "_host", cached)
         return cached
 
-    def product(self, x: np.ndarray) -> np.ndarray:
-        """x [M, K] float32 (numpy) -> x @ W^T + bias [M, N] (numpy) on the native kernels."""
-        y = quantized_matmul(x, self._host_weights(), self["weight"].shape[0], self.bits, self.group_size, self.exact)
+    def product(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """x [M, K] float32 (numpy) -> x @ W^T + bias [M, N] (numpy, `out` if given) on the native kernels."""
+        y = quantized_matmul(x, self._host_weights(), self["weight"].shape[0], self.bits, self.group_size, self.exact,
+                             out)
         if "bias" in self:
             y += _float32(self, "bias")
         return y
@@ -231,7 +255,9 @@ class FastQuantizedLinear(nn.QuantizedLinear):
             return y + self["bias"] if "bias" in self else y
         if not evaluated(x):
             return super().__call__(x)
-        y = mx.array(self.product(np.ascontiguousarray(np.asarray(x).reshape(M, K))))
+        host, array = output((M, self["weight"].shape[0]))
+        self.product(np.ascontiguousarray(np.asarray(x).reshape(M, K)), host)
+        y = result(host, array)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -272,9 +298,9 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
         q = np.ascontiguousarray(np.asarray(queries))
         k, v = np.asarray(keys), np.asarray(values)  # views of the cache buffer (rows contiguous)
         if k.strides[-1] == v.strides[-1] == 4:
-            out = np.empty_like(q)
+            out, array = output(q.shape)
             (native.attend if kind == "decode" else native.attend_causal)(q, k, v, out, float(scale))
-            return mx.array(out)
+            return result(out, array)
     return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
 
@@ -291,9 +317,9 @@ def _elementwise(kernel: str, *arrays):
     ):
         return None
     inputs = [np.ascontiguousarray(np.asarray(a)) for a in arrays]
-    out = np.empty_like(inputs[0])
+    out, array = output(inputs[0].shape)
     getattr(native, kernel)(*inputs, out)
-    return mx.array(out)
+    return result(out, array)
 
 
 def swiglu(gate, x):
@@ -321,9 +347,9 @@ def vision_attention(queries, keys, values, scale: float, mask=None):
     ):
         B, H, L, D = queries.shape
         q, k, v = (np.ascontiguousarray(np.asarray(a)).reshape(1, B * H, L, D) for a in (queries, keys, values))
-        out = np.empty_like(q)
+        out, array = output(q.shape)
         native.attend_causal(q, k, v, out, float(scale), False)
-        return mx.array(out.reshape(B, H, L, D))
+        return result(out, array).reshape(B, H, L, D)
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
 

@@ -85,9 +85,11 @@ class HostKVCache:
         """Rows [0, offset) as an MLX array of `dtype` (float32 read through F16C for a float16 cache)."""
         used = buffer[:, :, : self.offset]
         if dtype == mx.float32 and self.dtype == "float16" and _native() is not None and buffer.shape[0] == 1:
-            out = np.empty(used.shape, np.float32)
+            from .fastpath import output, result
+
+            out, array = output(used.shape)
             _native().kv_load(buffer, out)
-            return mx.array(out)
+            return result(out, array)
         array = mx.array(used)
         return array if array.dtype == dtype else array.astype(dtype)
 

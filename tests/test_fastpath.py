@@ -467,3 +467,29 @@ def test_decoding_with_cache_matches(backbone, quantized_backbone, monkeypatch):
         fastpath.enable(model)
     assert len(steps) == 21 * len(blocks)
     assert np.max(np.abs(ours - theirs)) <= 1e-4 * np.max(np.abs(theirs))
+
+
+@needs_cblas
+def test_large_results_are_written_into_mlx_arrays(monkeypatch):
+    """Eager results of DIRECT_OUT_BYTES or more are written into an MLX array's own memory (no
+    numpy copy beside it at the prompt's peak): with every result written so, each kernel gives
+    what the copied path gives, bit for bit."""
+    host, array = fastpath.output((2048, 2048))  # 16 MB
+    assert array is not None and np.shares_memory(np.asarray(array), host) and host.flags.writeable
+    assert fastpath.output((4, 4))[1] is None  # small: numpy, copied (no MLX evaluation to wait for)
+
+    layer, _ = fast_layer()
+    mx.random.seed(13)
+    x, g = mx.random.normal((1, 40, 256)), mx.random.normal((1, 40, 301))
+    q, k, v = (mx.random.normal((1, 4, 37, 16)) for _ in range(3))
+
+    def run():
+        return [layer(x), fastpath.swiglu(g, x[..., :1] + g), fastpath.quick_gelu(g),
+                fastpath.scaled_dot_product_attention(q, k, v, None, scale=0.25, mask="causal"),
+                fastpath.vision_attention(q, k, v, scale=0.25)]
+
+    copied = [np.array(a) for a in run()]
+    monkeypatch.setattr(fastpath, "DIRECT_OUT_BYTES", 0)
+    direct = run()
+    for ours, theirs in zip(direct, copied):
+        assert np.array_equal(np.asarray(ours), theirs)
