@@ -6,9 +6,10 @@ that it mirrors). Its buffers [batch, kv heads, capacity, head dim], grown in st
 like mlx-lm's, are MLX arrays of its own written through zero-copy numpy views, so the native
 decode step (fastpath.FastDecodeBlock, native/kv.c) ropes, writes and attends in place with no
 MLX evaluation, a float16 cache halves what a decode step reads at depth, and `state` (which
-mlx-lm's prompt loop evaluates after every chunk) is a slice of them, not a copy. Prompt chunks go through MLX: `update_and_fetch` writes the chunk
-(rounded to float16 by F16C for a float16 cache) and hands back the whole cache as MLX arrays of
-the chunk's dtype, which mlx-lm's attention (or the native causal kernel) then reads.
+mlx-lm's prompt loop evaluates after every chunk) is a slice of them, not a copy. Prompt chunks go
+through MLX: `update_and_fetch` writes the chunk (rounded to float16 by F16C for a float16 cache)
+and hands back the whole cache as MLX arrays of the chunk's dtype, which mlx-lm's attention (or the
+native causal kernel) then reads.
 
 Which cache a model gets (`Model.make_cache`): `kv_cache="float16"` or `"float32"` asks for ours;
 by default quantized models on the CPU fast path get float16, everything else mlx-lm's KVCache.

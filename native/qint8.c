@@ -180,18 +180,14 @@ static float scalar_dot(const Q8Problem *p, Py_ssize_t m, Py_ssize_t n) {
 /* quantize_row on 8 lanes, bit for bit: the same max, d = max / 127, x / d rounded to nearest
  * even (vdivps, vroundps), the integer sum; about 10x the scalar loop, which cost a 7B decode step
  * some 7 ms (seven quantizations a layer, one thread). */
-__attribute__((target("avx2,fma"))) static void quantize_row_avx2(const float *x, int8_t *q, float *d, float *sum,
-                                                                  Py_ssize_t K, int group) {
+COMMON_AVX2 static void quantize_row_avx2(const float *x, int8_t *q, float *d, float *sum, Py_ssize_t K, int group) {
     const __m256 sign = _mm256_set1_ps(-0.0f), top = _mm256_set1_ps(127.0f), bottom = _mm256_set1_ps(-127.0f);
     for (Py_ssize_t g = 0; g < K / group; g++) {
         const float *xg = x + g * group;
         int8_t *qg = q + g * group;
         __m256 amax = _mm256_setzero_ps();
         for (int k = 0; k < group; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + k)));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        float dg = _mm_cvtss_f32(m4) / 127.0f;
+        float dg = hmax256(amax) / 127.0f;
         d[g] = dg;
         if (!(dg > 0.0f)) { /* an all-zero group */
             memset(qg, 0, group);
@@ -247,9 +243,10 @@ typedef struct {
 static void quantize_task(void *arg, Py_ssize_t m0, Py_ssize_t m1) {
     const QuantTask *t = (const QuantTask *)arg;
     Py_ssize_t groups = t->K / t->group;
+    const int vector = current_isa() != ISA_SCALAR;
     for (Py_ssize_t m = m0; m < m1; m++) {
 #if Q8_X86
-        if (current_isa() != ISA_SCALAR)
+        if (vector)
             quantize_row_avx2(t->x + m * t->K, t->q + m * t->K, t->d + m * groups, t->sum + m * groups, t->K, t->group);
         else
 #endif

@@ -12,13 +12,6 @@
 
 /* ---- decode: a few rows of x against streamed weight rows ----------------------------------- */
 
-TARGET static inline float SFX(hsum)(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* One row's scales and biases as float32 (F16C / shifts for half precision). */
 TARGET static void SFX(row_params)(const Q8Problem *p, Py_ssize_t row, float *s, float *b) {
     const Py_ssize_t groups = p->K / p->group;
@@ -44,7 +37,7 @@ TARGET static inline float SFX(bias_dot)(const float *b, const float *xs, Py_ssi
     __m256 acc = _mm256_setzero_ps();
     Py_ssize_t g = 0;
     for (; g + 8 <= groups; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(b + g), _mm256_loadu_ps(xs + g), acc);
-    float total = SFX(hsum)(acc);
+    float total = hsum256(acc);
     for (; g < groups; g++) total += b[g] * xs[g];
     return total;
 }
@@ -106,7 +99,7 @@ __attribute__((always_inline)) TARGET static inline void SFX(gemv_block)(
     }
     for (int m = 0; m < MB; m++)
         p->out[(m0 + m) * p->N + n] =
-            SFX(hsum)(_mm256_add_ps(acc0[m], acc1[m])) + SFX(bias_dot)(b, p->xsum + (m0 + m) * groups, groups);
+            hsum256(_mm256_add_ps(acc0[m], acc1[m])) + SFX(bias_dot)(b, p->xsum + (m0 + m) * groups, groups);
 }
 
 #define GEMV_CASE(MB, BITS, GROUP) SFX(gemv_block)(p, w, s, b, n, m0, MB, BITS, GROUP)
@@ -258,16 +251,15 @@ __attribute__((always_inline)) TARGET static inline void SFX(gemm_micro_zmm)(
 }
 #undef Z_ROW_STEP
 #undef Z_ROW_STORE
-#define GEMM_MICRO(ROWS) SFX(gemm_micro_zmm)(wp, sp, bp, x, ldx, d, xs, ldg, c, ldc, ngroups, ROWS, GROUP)
+#define MICRO(ROWS) SFX(gemm_micro_zmm)(wp, sp, bp, x, ldx, d, xs, ldg, c, ldc, ngroups, ROWS, GROUP)
 #else
-#define GEMM_MICRO(ROWS) SFX(gemm_micro)(wp, sp, bp, x, ldx, d, xs, ldg, c, ldc, ngroups, ROWS, GROUP, BITS)
+#define MICRO(ROWS) SFX(gemm_micro)(wp, sp, bp, x, ldx, d, xs, ldg, c, ldc, ngroups, ROWS, GROUP, BITS)
 #endif
 
 __attribute__((always_inline)) TARGET static inline void SFX(micro_rows)(
     const uint8_t *wp, const float *sp, const float *bp, const int8_t *x, Py_ssize_t ldx, const float *d,
     const float *xs, Py_ssize_t ldg, float *c, Py_ssize_t ldc, Py_ssize_t ngroups, int rows, const int GROUP,
     const int BITS) {
-#define MICRO(ROWS) GEMM_MICRO(ROWS)
     if (rows >= MR) MICRO(MR);
     else if (rows == 1) MICRO(1);
     else if (rows == 2) MICRO(2);
@@ -278,9 +270,8 @@ __attribute__((always_inline)) TARGET static inline void SFX(micro_rows)(
     else if (rows == 6) MICRO(6);
     else if (rows == 7) MICRO(7);
 #endif
-#undef MICRO
 }
-#undef GEMM_MICRO
+#undef MICRO
 
 /*
  * One block of up to 4 packed panels (64 weight rows) over [k0, k0 + kc) against all rows of x:
